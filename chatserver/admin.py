@@ -1,0 +1,43 @@
+"""chatserver-admin: operator commands that are not the server itself.
+
+``chatserver-admin migrate`` applies the schema migrations the configured
+database lacks. The server checks the schema at start and refuses to run
+against one it does not know, so a deploy runs this first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from chatserver.config import ConfigError, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatserver-admin")
+    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("--database-url", help="overrides database_url")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply pending schema migrations")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config, os.environ, {"database_url": args.database_url})
+    except ConfigError as e:
+        print(f"chatserver-admin: {e}", file=sys.stderr)
+        return 2
+    if args.command == "migrate":
+        if config.is_sqlite:
+            from chatserver.store import sqlite
+
+            sqlite.prepare(config.database_url)
+        else:
+            from chatserver.store import postgres
+
+            applied = postgres.migrate_database(config.database_url)
+            print(f"applied migrations: {applied or 'none (up to date)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The broker interface: per-room fan-out between server instances.
+
+The chat core publishes every stored message to its room's channel and
+subscribes to a room only while it has local members there. A broker is
+at-most-once: the core never relies on it for completeness, only for speed;
+gaps are filled from the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+# (room, payload) for a room message; the payload is opaque to the broker.
+MessageHandler = Callable[[str, bytes], None]
+# Called after the broker had lost messages (reconnect): the core re-reads the store.
+ResyncHandler = Callable[[], None]
+
+
+class Broker(Protocol):
+    def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> Deferred[None]: ...
+
+    def subscribe(self, room: str) -> Deferred[None]:
+        """Fires once messages published to the room from now on will arrive."""
+
+    def unsubscribe(self, room: str) -> None: ...
+
+    def publish(self, room: str, payload: bytes) -> None:
+        """Best effort: failures are counted and logged, never raised to the sender."""
+
+    def stop(self) -> Deferred[None]: ...

@@ -1,0 +1,65 @@
+"""The embedded default broker: rooms fan out within one process.
+
+A ``MemoryHub`` stands for the shared bus; each server instance has its own
+``MemoryBroker`` on it. One process normally has one of each; tests put several
+instances on one hub to act like several servers on one Redis.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+
+from chatserver.broker import MessageHandler, ResyncHandler
+
+
+class MemoryHub:
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.subscribers: dict[str, set[MemoryBroker]] = {}
+
+    def numsub(self, room: str) -> int:
+        return len(self.subscribers.get(room, ()))
+
+
+class MemoryBroker:
+    def __init__(self, hub: MemoryHub) -> None:
+        self._hub = hub
+        self._on_message: MessageHandler | None = None
+        self.rooms: set[str] = set()
+        self.published = 0
+        self.received = 0
+
+    def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> Deferred[None]:
+        self._on_message = on_message
+        return succeed(None)
+
+    def subscribe(self, room: str) -> Deferred[None]:
+        self.rooms.add(room)
+        self._hub.subscribers.setdefault(room, set()).add(self)
+        return succeed(None)
+
+    def unsubscribe(self, room: str) -> None:
+        self.rooms.discard(room)
+        subs = self._hub.subscribers.get(room)
+        if subs is not None:
+            subs.discard(self)
+            if not subs:
+                del self._hub.subscribers[room]
+
+    def publish(self, room: str, payload: bytes) -> None:
+        self.published += 1
+        # Delivered on a later turn of the reactor, as a network broker would.
+        for broker in tuple(self._hub.subscribers.get(room, ())):
+            self._hub.clock.callLater(0, broker._receive, room, payload)
+
+    def _receive(self, room: str, payload: bytes) -> None:
+        if room in self.rooms and self._on_message is not None:
+            self.received += 1
+            self._on_message(room, payload)
+
+    def stop(self) -> Deferred[None]:
+        for room in tuple(self.rooms):
+            self.unsubscribe(room)
+        self._on_message = None
+        return succeed(None)

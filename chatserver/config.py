@@ -1,0 +1,200 @@
+"""The server's configuration: one frozen object, built once at start.
+
+Sources, later ones winning: built-in defaults, a TOML file (``--config``),
+``CHATSERVER_<KEY>`` environment variables, the command line. Every setting is
+checked before anything starts, so a typo stops the server with a message that
+names the setting instead of surfacing later as a strange failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "CHATSERVER_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range; the message names it."""
+
+
+def _default_listen() -> tuple[str, ...]:
+    # PaaS hosts hand the port over in $PORT.
+    return (f"tcp:{os.environ.get('PORT') or 8080}",)
+
+
+def _setting(default: Any, doc: str, **extra: Any) -> Any:
+    meta = {"doc": doc, **extra}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the server; see ``config/chatserver.toml`` for a commented example."""
+
+    listen: tuple[str, ...] = _setting(
+        _default_listen,
+        "Twisted endpoint strings to serve on (WebSocket at /ws, HTTP beside it).",
+    )
+    auth: str = _setting("none", "'none' (?user=NAME, for development) or 'token' (?token=JWT).")
+    jwt_secret: str | None = _setting(None, "HS256 secret for auth = 'token'.")
+    database_url: str = _setting(
+        "sqlite:///chatserver.sqlite3",
+        "sqlite:///PATH (relative to the working directory) or postgresql://...",
+    )
+    db_pool_size: int = _setting(4, "Database connections (fixed; SQLite always uses 1).")
+    redis_url: str | None = _setting(None, "redis:// or rediss:// URL; unset = in-memory broker.")
+    max_body_chars: int = _setting(4000, "Longest message body, in characters.")
+    max_frame_bytes: int = _setting(65536, "Largest WebSocket message accepted, in bytes.")
+    max_rooms_per_connection: int = _setting(100, "Rooms one connection may be joined to.")
+    max_bad_frames: int = _setting(
+        20, "Bad frames tolerated on one connection before it is closed with 1008."
+    )
+    store_queue_max: int = _setting(
+        10000, "Messages waiting to be stored before sends get 'unavailable'."
+    )
+    store_batch_max: int = _setting(500, "Most messages written in one transaction.")
+    gap_timeout: float = _setting(
+        0.5, "Seconds to wait for a missing message id before reading it from the store."
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:")
+
+    @property
+    def effective_pool_size(self) -> int:
+        # SQLite serialises writers anyway; one connection avoids lock errors.
+        return 1 if self.is_sqlite else self.db_pool_size
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "db_pool_size": (1, 1000),
+    "max_body_chars": (1, 1_000_000),
+    "max_frame_bytes": (256, 64 * 1024 * 1024),
+    "max_rooms_per_connection": (1, 100_000),
+    "max_bad_frames": (1, 1_000_000),
+    "store_queue_max": (1, 10_000_000),
+    "store_batch_max": (1, 100_000),
+    "gap_timeout": (0.001, 60),
+}
+
+
+def _validate(c: Config) -> None:
+    for name, (lo, hi) in _RANGES.items():
+        value = getattr(c, name)
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} = {value!r}: must be between {lo:g} and {hi:g}")
+    if c.auth not in ("none", "token"):
+        raise ConfigError(f"auth = {c.auth!r}: must be 'none' or 'token'")
+    if c.auth == "token" and not c.jwt_secret:
+        raise ConfigError("auth = 'token' needs jwt_secret")
+    if not c.listen:
+        raise ConfigError("listen: at least one endpoint is needed")
+    scheme = urlsplit(c.database_url).scheme
+    if scheme not in ("sqlite", "postgresql", "postgres"):
+        raise ConfigError(
+            f"database_url = {c.database_url!r}: must start with sqlite:/// or postgresql://"
+        )
+    if c.is_sqlite and not c.database_url.startswith("sqlite:///"):
+        raise ConfigError(f"database_url = {c.database_url!r}: write sqlite:///PATH")
+    if c.redis_url is not None and urlsplit(c.redis_url).scheme not in ("redis", "rediss"):
+        raise ConfigError(f"redis_url = {c.redis_url!r}: must start with redis:// or rediss://")
+
+
+SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Turn a value from TOML, the environment or the command line into the field's type."""
+    kind = SETTINGS[name].type
+    try:
+        if kind == "tuple[str, ...]":
+            if isinstance(raw, str):
+                raw = [p for p in raw.replace(",", " ").split() if p]
+            if not isinstance(raw, list | tuple) or not all(isinstance(p, str) for p in raw):
+                raise TypeError
+            return tuple(raw)
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise TypeError
+            if isinstance(raw, float) and not raw.is_integer():
+                raise TypeError
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise TypeError
+            return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise TypeError
+        if kind == "str | None":
+            if raw is None or raw == "":
+                return None
+            if not isinstance(raw, str):
+                raise TypeError
+            return raw
+        if not isinstance(raw, str):
+            raise TypeError
+        return raw
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {raw!r}: expected {kind}") from None
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def load(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config from file, environment and command-line overrides, in that order."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        for key, raw in data.items():
+            if key not in SETTINGS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw)
+    environ = os.environ if environ is None else environ
+    for key in SETTINGS:
+        if env_name(key) in environ:
+            values[key] = _coerce(key, environ[env_name(key)])
+    for key, raw in (overrides or {}).items():
+        if key not in SETTINGS:
+            raise ConfigError(f"unknown setting {key!r}")
+        if raw is not None:
+            values[key] = _coerce(key, raw)
+    return Config(**values)
+
+
+def describe() -> list[tuple[str, str]]:
+    """(name, doc) of every setting, in declaration order: for --help."""
+    return [(name, f.metadata["doc"]) for name, f in SETTINGS.items()]

@@ -1,0 +1,149 @@
+"""Wiring: build the store, broker, chat core and listeners into one service tree.
+
+Start order: broker, then listeners. Stop order is the reverse, with the
+connections closed (1001) in between, then the store flushes what is queued
+and closes its pool. Nothing that is acked is lost on a clean stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from chatserver import store as store_api
+from chatserver.broker.memory import MemoryBroker, MemoryHub
+from chatserver.chat import Chat
+from chatserver.config import Config
+from chatserver.rooms import RoomRegistry
+from chatserver.store.open import open_store, prepare
+from chatserver.web import JSONResource, Root, StaticPage, UpgradeResource
+from chatserver.websocket import CLOSE_GOING_AWAY, ChatFactory
+
+CLOSE_TIMEOUT = 5.0
+
+
+class ListenService(Service):
+    """Listens on one endpoint; binding happens in privilegedStartService, errors at once."""
+
+    log = Logger()
+
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+        self.description = description
+        self._endpoint = endpoint
+        self._factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failures: list[Any] = []
+        d = self._endpoint.listen(self._factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+def parse_endpoint(reactor: Any, description: str) -> Any:
+    return endpoints.serverFromString(reactor, description)
+
+
+class ChatServerService(MultiService):
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, hub: MemoryHub | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self._broker_started = False
+        prepare(config)
+        self.store = open_store(config, reactor)
+        self.broker = self._make_broker(hub)
+        self.factory = ChatFactory(config, reactor)
+        self.registry = RoomRegistry(
+            self.store, self.broker, self.factory.prepareMessage, reactor, config.gap_timeout
+        )
+        self.chat = Chat(config, self.store, self.registry)
+        self.factory.chat = self.chat
+        root = Root(
+            {
+                b"ws": UpgradeResource(self.factory),
+                b"healthz": JSONResource(self.health),
+            },
+            StaticPage("index.html", b"text/html; charset=utf-8"),
+        )
+        self.site = Site(root)
+        self.site.noisy = False
+        self.listeners = [
+            ListenService(desc, parse_endpoint(reactor, desc), self.site) for desc in config.listen
+        ]
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+
+    def _make_broker(self, hub: MemoryHub | None) -> Any:
+        if self.config.redis_url is None:
+            return MemoryBroker(hub or MemoryHub(self.reactor))
+        from chatserver.broker.redis import RedisBroker
+
+        return RedisBroker(self.config.redis_url, self.reactor)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        return 200, {
+            "status": "ok",
+            "connections": len(self.factory.connections),
+            "rooms": len(self.registry.rooms),
+            "store_queue": self.store.queue_depth(),
+        }
+
+    def ports(self) -> list[int]:
+        return [lst.port.getHost().port for lst in self.listeners if lst.port is not None]
+
+    def _start_broker(self) -> None:
+        if not self._broker_started:
+            self._broker_started = True
+            self.broker.start(self.registry.on_broker_message, self.registry.resync)
+
+    def privilegedStartService(self) -> None:
+        self._start_broker()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._start_broker()
+        super().startService()
+        for listener in self.listeners:
+            if listener.port is not None:
+                self.log.info(
+                    "chatserver listening on {endpoint}: open http://localhost:{port}/",
+                    endpoint=listener.description,
+                    port=getattr(listener.port.getHost(), "port", None),
+                )
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()  # listeners stop accepting
+        await self.factory.close_all(CLOSE_GOING_AWAY, "server shutting down", CLOSE_TIMEOUT)
+        await self.broker.stop()
+        try:
+            await self.store.close()
+        except store_api.StoreUnavailable:
+            pass
+        self.log.info("chatserver stopped")

@@ -1,0 +1,24 @@
+"""Versioned schema migrations, in SQL both SQLite and Postgres accept.
+
+A migration is applied once, in order, inside one transaction with the bump of
+``schema_version``. A server refuses to run against a schema newer than it knows.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "rooms with a per-room id counter, messages keyed by (room, id)",
+        [
+            # last_id is the counter that hands out gap-free ids: the row lock on it
+            # serialises writers of one room, so ids follow commit order.
+            "CREATE TABLE rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL DEFAULT 0)",
+            "CREATE TABLE messages ("
+            " room TEXT NOT NULL, id BIGINT NOT NULL, username TEXT NOT NULL,"
+            " body TEXT NOT NULL, ts BIGINT NOT NULL, PRIMARY KEY (room, id))",
+        ],
+    ),
+]
+
+LATEST = MIGRATIONS[-1][0]

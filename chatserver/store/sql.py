@@ -1,0 +1,308 @@
+"""The SQL store shared by SQLite and Postgres: group commit, gap-free ids, history.
+
+Writes are queued and written in batches by the pool's threads: while one batch
+is being committed, new messages gather, and the next transaction takes all of
+them at once. Throughput then grows with load instead of with connections, and
+the queue is bounded: past ``queue_max`` waiting messages, ``append`` fails with
+``StoreUnavailable`` at once instead of growing a backlog.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatserver.store import SchemaError, StoredMessage, StoreUnavailable
+from chatserver.store.schema import LATEST, MIGRATIONS
+
+Row = tuple[str, int, str, str, int]  # room, id, user, body, ts
+
+
+class Dialect:
+    """What differs between the databases; everything else is shared SQL."""
+
+    name = "sql"
+    # Errors that mean "the connection is gone": the transaction did not commit.
+    connection_errors: tuple[type[BaseException], ...] = ()
+    # Errors from the database as a whole (locked, shutting down, disk full).
+    database_errors: tuple[type[BaseException], ...] = ()
+
+    def sql(self, text: str) -> str:
+        """SQL is written with %s placeholders; dialects with another style convert."""
+        return text
+
+    def insert_messages(self, cursor: Any, rows: Sequence[Row]) -> None:
+        cursor.executemany(
+            self.sql("INSERT INTO messages (room, id, username, body, ts) VALUES (%s,%s,%s,%s,%s)"),
+            rows,
+        )
+
+    def lock_schema(self, cursor: Any) -> None:
+        """Keep two servers from migrating at once (Postgres locks; SQLite has one writer)."""
+
+
+class _BeforeCommit(Exception):
+    """A connection error raised by a statement: nothing was committed, a retry is safe."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def schema_version(cursor: Any, dialect: Dialect) -> int:
+    cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    cursor.execute("SELECT MAX(version) FROM schema_version")
+    row = cursor.fetchone()
+    return (row[0] or 0) if row else 0
+
+
+def migrate(connection: Any, dialect: Dialect, log: Logger | None = None) -> list[int]:
+    """Apply every migration the database lacks; return the versions applied."""
+    cursor = connection.cursor()
+    dialect.lock_schema(cursor)
+    current = schema_version(cursor, dialect)
+    if current > LATEST:
+        connection.rollback()
+        raise SchemaError(f"database schema is version {current}; this server knows {LATEST}")
+    applied = []
+    for version, what, statements in MIGRATIONS:
+        if version <= current:
+            continue
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.execute(dialect.sql("INSERT INTO schema_version (version) VALUES (%s)"), (version,))
+        applied.append(version)
+        if log:
+            log.info("schema migrated to version {version}: {what}", version=version, what=what)
+    connection.commit()
+    cursor.close()
+    return applied
+
+
+def check_schema(connection: Any, dialect: Dialect) -> None:
+    """Refuse a schema this server does not know, newer or older."""
+    cursor = connection.cursor()
+    current = schema_version(cursor, dialect)
+    connection.commit()
+    cursor.close()
+    if current != LATEST:
+        hint = "run 'chatserver-admin migrate'" if current < LATEST else "upgrade chatserver"
+        raise SchemaError(
+            f"database schema is version {current}; this server needs {LATEST}: {hint}"
+        )
+
+
+class _Pending:
+    __slots__ = ("body", "deferred", "room", "user")
+
+    def __init__(self, room: str, user: str, body: str, deferred: Deferred) -> None:
+        self.room = room
+        self.user = user
+        self.body = body
+        self.deferred = deferred
+
+
+class SQLStore:
+    """A ``Store`` on an adbapi pool with a bounded, batching writer."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        pool: adbapi.ConnectionPool,
+        dialect: Dialect,
+        clock: IReactorTime,
+        *,
+        queue_max: int,
+        batch_max: int,
+        writers: int,
+    ) -> None:
+        self._pool = pool
+        self._dialect = dialect
+        self._clock = clock
+        self._queue_max = queue_max
+        self._batch_max = batch_max
+        self._writers = writers
+        self._queue: deque[_Pending] = deque()
+        self._in_flight = 0
+        self._idle_waiters: list[Deferred[None]] = []
+        self._closed = False
+        # Counters for metrics.
+        self.batches = 0
+        self.stored = 0
+        self.failed = 0
+        self.rejected = 0
+        self.last_batch_size = 0
+
+    # -- writes ---------------------------------------------------------------
+
+    def append(self, room: str, user: str, body: str) -> Deferred[StoredMessage]:
+        if self._closed:
+            return fail(StoreUnavailable("server is shutting down"))
+        if len(self._queue) >= self._queue_max:
+            self.rejected += 1
+            return fail(StoreUnavailable("storage is behind; try again shortly"))
+        d: Deferred[StoredMessage] = Deferred()
+        self._queue.append(_Pending(room, user, body, d))
+        self._kick()
+        return d
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def _kick(self) -> None:
+        while self._queue and self._in_flight < self._writers:
+            batch = [self._queue.popleft() for _ in range(min(self._batch_max, len(self._queue)))]
+            self._in_flight += 1
+            self._write(batch, attempts_left=self._pool.max + 1)
+
+    def _write(self, batch: list[_Pending], attempts_left: int) -> None:
+        ts = int(self._clock.seconds() * 1000)
+        entries = [(p.room, p.user, p.body) for p in batch]
+        d = self._pool.runInteraction(self._write_batch, entries, ts)
+        d.addCallbacks(
+            self._written,
+            self._write_failed,
+            callbackArgs=(batch, ts),
+            errbackArgs=(batch, attempts_left),
+        )
+
+    def _write_batch(self, txn: Any, entries: list[tuple[str, str, str]], ts: int) -> list[int]:
+        """Runs in a pool thread: reserve ids per room, insert all rows, one transaction."""
+        counts: dict[str, int] = {}
+        for room, _, _ in entries:
+            counts[room] = counts.get(room, 0) + 1
+        next_id: dict[str, int] = {}
+        upsert = self._dialect.sql(
+            "INSERT INTO rooms (name, last_id) VALUES (%s, %s) ON CONFLICT (name)"
+            " DO UPDATE SET last_id = rooms.last_id + excluded.last_id RETURNING last_id"
+        )
+        try:
+            # Rooms in a fixed order, so two writers never wait on each other in a cycle.
+            for room in sorted(counts):
+                txn.execute(upsert, (room, counts[room]))
+                last = txn.fetchone()[0]
+                next_id[room] = last - counts[room] + 1
+            ids = []
+            rows: list[Row] = []
+            for room, user, body in entries:
+                mid = next_id[room]
+                next_id[room] = mid + 1
+                ids.append(mid)
+                rows.append((room, mid, user, body, ts))
+            self._dialect.insert_messages(txn, rows)
+        except self._dialect.connection_errors as e:
+            raise _BeforeCommit(e) from e
+        return ids
+
+    def _written(self, ids: list[int], batch: list[_Pending], ts: int) -> None:
+        self._in_flight -= 1
+        self.batches += 1
+        self.stored += len(batch)
+        self.last_batch_size = len(batch)
+        for p, mid in zip(batch, ids, strict=True):
+            p.deferred.callback(StoredMessage(p.room, mid, p.user, p.body, ts))
+        self._after_write()
+
+    def _write_failed(self, failure: Failure, batch: list[_Pending], attempts_left: int) -> None:
+        if failure.check(_BeforeCommit) and attempts_left > 1 and not self._closed:
+            # A pool connection died while idle (database restart): adbapi has
+            # dropped it, so the retry gets a fresh one.
+            self._write(batch, attempts_left - 1)
+            return
+        self._in_flight -= 1
+        self.failed += len(batch)
+        cause = failure.value.cause if failure.check(_BeforeCommit) else failure.value
+        self.log.warn(
+            "storing {count} messages failed: {error}", count=len(batch), error=repr(cause)
+        )
+        for p in batch:
+            p.deferred.errback(StoreUnavailable("message could not be stored; try again"))
+        self._after_write()
+
+    def _after_write(self) -> None:
+        self._kick()
+        if not self._queue and not self._in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                w.callback(None)
+
+    # -- reads ----------------------------------------------------------------
+
+    def _read(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
+        def run(txn: Any) -> Any:
+            try:
+                return interaction(txn, *args)
+            except self._dialect.connection_errors as e:
+                raise _BeforeCommit(e) from e
+
+        def retry(failure: Failure, attempts_left: int) -> Any:
+            if failure.check(_BeforeCommit) and attempts_left > 1:
+                return self._pool.runInteraction(run).addErrback(retry, attempts_left - 1)
+            if failure.check(_BeforeCommit, *self._dialect.database_errors):
+                cause = failure.value.cause if failure.check(_BeforeCommit) else failure.value
+                self.log.warn("store read failed: {error}", error=repr(cause))
+                raise StoreUnavailable("storage is unavailable; try again")
+            return failure
+
+        return self._pool.runInteraction(run).addErrback(retry, self._pool.max + 1)
+
+    def last_id(self, room: str) -> Deferred[int | None]:
+        def q(txn: Any) -> int | None:
+            txn.execute(self._dialect.sql("SELECT last_id FROM rooms WHERE name = %s"), (room,))
+            row = txn.fetchone()
+            return row[0] if row and row[0] else None
+
+        return self._read(q)
+
+    def history(
+        self, room: str, before: int | None, after: int | None, limit: int
+    ) -> Deferred[tuple[list[StoredMessage], bool]]:
+        cols = "SELECT id, username, body, ts FROM messages WHERE room = %s"
+        if after is not None:
+            query = cols + " AND id > %s ORDER BY id ASC LIMIT %s"
+            args: tuple = (room, after, limit + 1)
+        elif before is not None:
+            query = cols + " AND id < %s ORDER BY id DESC LIMIT %s"
+            args = (room, before, limit + 1)
+        else:
+            query = cols + " ORDER BY id DESC LIMIT %s"
+            args = (room, limit + 1)
+        sql = self._dialect.sql(query)
+
+        def q(txn: Any) -> tuple[list[StoredMessage], bool]:
+            txn.execute(sql, args)
+            rows = txn.fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            if after is None:
+                rows.reverse()
+            return [StoredMessage(room, r[0], r[1], r[2], r[3]) for r in rows], more
+
+        return self._read(q)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def flush(self) -> Deferred[None]:
+        """Fires once every queued message has been written (or has failed)."""
+        d: Deferred[None] = Deferred()
+        if not self._queue and not self._in_flight:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
+        return d
+
+    async def _close(self) -> None:
+        await self.flush()
+        self._closed = True
+        self._pool.close()
+
+    def close(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._close())

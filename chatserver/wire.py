@@ -1,0 +1,209 @@
+"""The wire format of protocol v1: parse and check client frames, encode server frames.
+
+Pure functions, no I/O: everything a client can send is turned into either a
+typed frame or a ``FrameError`` carrying the protocol's error code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+SUBPROTOCOL = "chat.v1"
+MAX_DEPTH = 8
+MAX_ID = 2**63 - 1  # ids are BIGINT in the store
+HISTORY_LIMIT_MAX = 100
+HISTORY_LIMIT_DEFAULT = 50
+
+_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+
+# Error codes (PROTOCOL.md).
+BAD_FRAME = "bad_frame"
+BAD_REQUEST = "bad_request"
+NOT_MEMBER = "not_member"
+FORBIDDEN = "forbidden"
+RATE_LIMITED = "rate_limited"
+TOO_LARGE = "too_large"
+UNAVAILABLE = "unavailable"
+
+
+class FrameError(Exception):
+    """A client frame the server answers with an ``error`` frame."""
+
+    def __init__(self, code: str, message: str, ref: str | int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    room: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    room: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    room: str
+    body: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    room: str
+    before: int | None = None
+    after: int | None = None
+    limit: int = HISTORY_LIMIT_DEFAULT
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    ref: str | int | None = None
+
+
+ClientFrame = Join | Leave | Send | History | Ping
+
+
+def is_valid_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _too_deep(value: Any, depth: int = 1) -> bool:
+    if depth > MAX_DEPTH:
+        return True
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, list):
+        return False
+    return any(isinstance(v, dict | list) and _too_deep(v, depth + 1) for v in value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value: str) -> bool:
+    """True when the string can be stored faithfully: no NUL, no lone surrogates."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _room(obj: dict, ref: str | int | None) -> str:
+    room = obj.get("room")
+    if not is_valid_name(room):
+        raise FrameError(BAD_REQUEST, "room must be 1-64 characters of A-Z a-z 0-9 _ . : -", ref)
+    return room
+
+
+def _cursor(obj: dict, key: str, ref: str | int | None) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value <= MAX_ID:
+        raise FrameError(BAD_REQUEST, f"{key} must be a non-negative integer message id", ref)
+    return value
+
+
+def decode_json(payload: bytes) -> Any:
+    """Strict JSON (no NaN/Infinity, bounded nesting); ValueError otherwise."""
+    try:
+        value = json.loads(payload, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nesting too deep") from None
+    if _too_deep(value):
+        raise ValueError("nesting too deep")
+    return value
+
+
+def parse(payload: bytes, is_binary: bool, max_body_chars: int) -> ClientFrame:
+    """Turn one WebSocket message into a client frame, or raise ``FrameError``."""
+    if is_binary:
+        raise FrameError(BAD_FRAME, "binary frames are not accepted; send JSON text")
+    try:
+        obj = decode_json(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise FrameError(BAD_FRAME, "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise FrameError(BAD_FRAME, "frame must be a JSON object")
+
+    ref = obj.get("ref")
+    if ref is not None and not (_is_int(ref) or isinstance(ref, str)):
+        raise FrameError(BAD_REQUEST, "ref must be a string or an integer")
+    if isinstance(ref, str) and not _is_text(ref):
+        raise FrameError(BAD_REQUEST, "ref must be valid Unicode text without NUL")
+
+    kind = obj.get("type")
+    if kind == "send":
+        room = _room(obj, ref)
+        body = obj.get("body")
+        if not isinstance(body, str) or not body:
+            raise FrameError(BAD_REQUEST, "body must be a non-empty string", ref)
+        if len(body) > max_body_chars:
+            raise FrameError(TOO_LARGE, f"body is longer than {max_body_chars} characters", ref)
+        if not _is_text(body):
+            raise FrameError(
+                BAD_REQUEST, "body must be valid Unicode text without NUL or lone surrogates", ref
+            )
+        return Send(room, body, ref)
+    if kind == "join":
+        return Join(_room(obj, ref), ref)
+    if kind == "leave":
+        return Leave(_room(obj, ref), ref)
+    if kind == "history":
+        room = _room(obj, ref)
+        before = _cursor(obj, "before", ref)
+        after = _cursor(obj, "after", ref)
+        if before is not None and after is not None:
+            raise FrameError(BAD_REQUEST, "give before or after, not both", ref)
+        limit = obj.get("limit", HISTORY_LIMIT_DEFAULT)
+        if not _is_int(limit) or not 1 <= limit <= HISTORY_LIMIT_MAX:
+            raise FrameError(BAD_REQUEST, f"limit must be an integer 1-{HISTORY_LIMIT_MAX}", ref)
+        return History(room, before, after, limit, ref)
+    if kind == "ping":
+        return Ping(ref)
+    if isinstance(kind, str) and _is_text(kind):
+        raise FrameError(BAD_FRAME, f"unknown frame type {kind[:64]!r}", ref)
+    raise FrameError(BAD_FRAME, "frame needs a string 'type'", ref)
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """Strict, compact JSON as UTF-8."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def reply(kind: str, ref: str | int | None = None, **fields: Any) -> bytes:
+    if ref is not None:
+        fields["ref"] = ref
+    return encode({"type": kind, **fields})
+
+
+def error(code: str, message: str, ref: str | int | None = None) -> bytes:
+    return reply("error", ref, code=code, message=message)
+
+
+def message_dict(room: str, id: int, user: str, body: str, ts: int) -> dict[str, Any]:
+    return {"room": room, "id": id, "user": user, "body": body, "ts": ts}
+
+
+def encode_message(room: str, id: int, user: str, body: str, ts: int) -> bytes:
+    return encode({"type": "message", **message_dict(room, id, user, body, ts)})

@@ -1,0 +1,86 @@
+"""twistd plugin: ``twistd -n chatserver``. Heavy imports wait for makeService."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IServiceMaker, MultiService
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+def _settings() -> list[tuple[str, str]]:
+    from chatserver.config import describe
+
+    return describe()
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Real-time chat server: WebSocket at /ws, health at /healthz. Each setting can also "
+        "come from the --config TOML file or a CHATSERVER_<SETTING> environment variable; "
+        "the command line wins over the environment, which wins over the file."
+    )
+    optParameters = [["config", "c", None, "TOML configuration file."]] + [
+        [name.replace("_", "-"), None, None, doc] for name, doc in _settings() if name != "listen"
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to listen on, e.g. tcp:8080 or systemd:domain=INET:index=0 (repeatable)."""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        from chatserver.config import SETTINGS, ConfigError, load
+
+        overrides = {
+            name: self.get(name.replace("_", "-")) for name in SETTINGS if name != "listen"
+        }
+        overrides["listen"] = self["listen"] or None
+        try:
+            self.config = load(self["config"], os.environ, overrides)
+            from twisted.internet import reactor
+
+            from chatserver.service import parse_endpoint
+
+            for description in self.config.listen:
+                try:
+                    parse_endpoint(reactor, description)
+                except Exception as e:
+                    raise ConfigError(f"listen = {description!r}: {e}") from None
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+@implementer(IServiceMaker, IPlugin)
+class ChatServerMaker:
+    tapname = "chatserver"
+    description = "Real-time chat server (WebSocket, Redis fan-out, SQL storage)."
+    options = Options
+
+    def makeService(self, options: Options) -> MultiService:
+        from twisted.internet import reactor
+
+        from chatserver.service import ChatServerService
+        from chatserver.store import SchemaError
+
+        def exit_zero_after_clean_stop() -> None:
+            # twistd re-raises SIGTERM after a clean shutdown, so the process would
+            # exit "killed"; a drained server has done its job and exits 0.
+            reactor._exitSignal = None
+
+        reactor.addSystemEventTrigger("after", "shutdown", exit_zero_after_clean_stop)
+        try:
+            return ChatServerService(options.config, reactor)
+        except SchemaError as e:
+            raise SystemExit(f"chatserver: {e}") from None
+
+
+serviceMaker = ChatServerMaker()
