@@ -8,7 +8,8 @@ from importlib import resources
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 
@@ -62,4 +63,4 @@ class Root(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"" and not request.postpath:
             return self._index
-        return self._children.get(path) or NoResource()
+        return self._children.get(path) or notFound()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList
@@ -19,9 +20,12 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_TOKEN_EXPIRED = 4001
 
 
-class ChatProtocol(WebSocketServerProtocol):
-    log = Logger()
+# Module-level: Autobahn's own ``self.log`` is a level-filtered txaio logger,
+# which a twisted Logger class attribute would replace.
+log = Logger()
 
+
+class ChatProtocol(WebSocketServerProtocol):
     user = ""
     connected = False
     bad_frames = 0
@@ -33,7 +37,7 @@ class ChatProtocol(WebSocketServerProtocol):
             identity = auth.authenticate(factory.config, request.params)
         except auth.AuthError as e:
             factory.rejected[e.reason] += 1
-            self.log.info(
+            log.info(
                 "handshake from {peer} refused ({status}): {reason}",
                 peer=request.peer,
                 status=e.status,
@@ -82,14 +86,17 @@ class ChatProtocol(WebSocketServerProtocol):
             self.sendPreparedMessage(prepared)
 
     def close_with(self, code: int, reason: str) -> None:
-        if self.connected:
-            self.sendClose(code, reason)
+        # sendClose() only takes application codes; 1001/1008 are protocol-level.
+        if self.connected and self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
 
 
 class ChatFactory(WebSocketServerFactory):
     protocol = ChatProtocol
 
     def __init__(self, config: Config, clock: IReactorTime, url: str = "ws://localhost/ws") -> None:
+        # Autobahn formats its debug lines eagerly; below info they cost CPU per frame.
+        txaio.set_global_log_level("info")
         super().__init__(url)
         self.config = config
         self.clock = clock

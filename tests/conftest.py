@@ -1,0 +1,44 @@
+"""Fixtures: real chat servers listening on free ports, in this process.
+
+Nothing here imports the reactor at module level, so ``--reactor`` choices work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+
+@pytest_twisted.async_yield_fixture
+async def make_server(tmp_path: Any) -> Any:
+    """Start servers on tcp:0 with a SQLite file in tmp_path (by default); stop them after."""
+    from twisted.internet import reactor
+
+    from chatserver.broker.memory import MemoryHub
+    from chatserver.config import Config
+    from chatserver.service import ChatServerService
+
+    hub = MemoryHub(reactor)
+    running: list[ChatServerService] = []
+
+    def make(**settings: Any) -> ChatServerService:
+        settings.setdefault("listen", ("tcp:0:interface=127.0.0.1",))
+        settings.setdefault("database_url", f"sqlite:///{tmp_path}/chat.sqlite3")
+        service = ChatServerService(Config(**settings), reactor, hub=hub)
+        service.startService()
+        service.port = service.ports()[0]
+        running.append(service)
+        return service
+
+    yield make
+    for service in reversed(running):
+        if service.running:
+            await service.stopService()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Any]) -> Any:
+    return make_server()

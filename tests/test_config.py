@@ -1,0 +1,79 @@
+"""Configuration: file < environment < command line, and clear errors that name the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatserver.config import Config, ConfigError, load
+
+
+def test_defaults_are_the_embedded_setup(monkeypatch):
+    monkeypatch.delenv("PORT", raising=False)
+    c = load(None, {}, {})
+    assert c.listen == ("tcp:8080",)
+    assert c.auth == "none" and c.redis_url is None
+    assert c.database_url == "sqlite:///chatserver.sqlite3"
+    assert c.effective_pool_size == 1
+
+
+def test_port_from_the_environment_like_a_paas(monkeypatch):
+    monkeypatch.setenv("PORT", "5005")
+    assert load(None, {}, {}).listen == ("tcp:5005",)
+
+
+def test_precedence_file_env_cli(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('max_body_chars = 10\ndb_pool_size = 3\nlisten = ["tcp:1", "tcp:2"]\n')
+    assert load(str(f), {}, {}).max_body_chars == 10
+    env = {"CHATSERVER_MAX_BODY_CHARS": "20", "CHATSERVER_LISTEN": "tcp:3,tcp:4"}
+    c = load(str(f), env, {})
+    assert c.max_body_chars == 20 and c.db_pool_size == 3 and c.listen == ("tcp:3", "tcp:4")
+    c = load(str(f), env, {"max_body_chars": "30", "listen": ["tcp:5"]})
+    assert c.max_body_chars == 30 and c.listen == ("tcp:5",)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CHATSERVER_MAX_BODY_CHARS": "lots"}, "max_body_chars"),
+        ({"CHATSERVER_MAX_BODY_CHARS": "0"}, "max_body_chars"),
+        ({"CHATSERVER_DB_POOL_SIZE": "-1"}, "db_pool_size"),
+        ({"CHATSERVER_AUTH": "magic"}, "auth"),
+        ({"CHATSERVER_AUTH": "token"}, "jwt_secret"),
+        ({"CHATSERVER_DATABASE_URL": "mysql://x"}, "database_url"),
+        ({"CHATSERVER_REDIS_URL": "http://x"}, "redis_url"),
+        ({"CHATSERVER_GAP_TIMEOUT": "0"}, "gap_timeout"),
+    ],
+)
+def test_bad_settings_are_named(env, named):
+    with pytest.raises(ConfigError, match=named):
+        load(None, env, {})
+
+
+def test_unknown_key_in_file_is_refused(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("max_body_charz = 10\n")
+    with pytest.raises(ConfigError, match="max_body_charz"):
+        load(str(f), {}, {})
+
+
+def test_config_is_frozen():
+    c = Config()
+    with pytest.raises(AttributeError):
+        c.auth = "token"  # type: ignore[misc]
+
+
+def test_example_file_documents_every_setting():
+    from pathlib import Path
+
+    from chatserver.config import SETTINGS
+
+    example = (Path(__file__).parent.parent / "config" / "chatserver.toml").read_text()
+    for name in SETTINGS:
+        assert f"{name} =" in example, name
+    # Its values, uncommented, are valid.
+    import tomllib
+
+    lines = [ln.removeprefix("# ") for ln in example.splitlines() if not ln.startswith("##")]
+    values = tomllib.loads("\n".join(ln for ln in lines if " = " in ln))
+    load(None, {}, {k: v for k, v in values.items() if k != "jwt_secret" and k != "auth"})

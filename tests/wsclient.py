@@ -1,0 +1,192 @@
+"""A real WebSocket test client (Autobahn) and raw HTTP helpers for the tests.
+
+Every wait has a timeout so a broken server fails a test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory as ProtocolFactory
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, readBody
+
+TIMEOUT = 10.0
+_refs = itertools.count(1)
+
+
+class HandshakeRefused(Exception):
+    pass
+
+
+class ClientProtocol(WebSocketClientProtocol):
+    def onConnect(self, response: Any) -> None:
+        self.response = response
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.frames.put(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.close_code = code
+        self.close_reason = reason
+        if not self.factory.opened.called:
+            self.factory.opened.errback(HandshakeRefused(reason))
+        if not self.closed.called:
+            self.closed.callback(code)
+
+
+class Client:
+    """One connection; frames arrive in a queue the test reads in order."""
+
+    def __init__(self, proto: ClientProtocol) -> None:
+        self.proto = proto
+
+    @property
+    def subprotocol(self) -> str | None:
+        return self.proto.response.protocol
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.proto.sendMessage(json.dumps(frame).encode())
+
+    def send_raw(self, payload: bytes, binary: bool = False) -> None:
+        self.proto.sendMessage(payload, isBinary=binary)
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return await self.proto.frames.get().addTimeout(timeout, reactor)
+
+    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send with a fresh ref; return the answer carrying that ref (other frames are kept)."""
+        ref = frame.setdefault("ref", f"r{next(_refs)}")
+        self.send(frame)
+        skipped = []
+        try:
+            while True:
+                got = await self.recv()
+                if got.get("ref") == ref and got.get("type") != "message":
+                    return got
+                skipped.append(got)
+        finally:
+            # Frames that came before the answer stay readable, in order.
+            pending = list(self.proto.frames.pending)
+            self.proto.frames.pending[:] = skipped + pending
+
+    async def expect(self, kind: str) -> dict[str, Any]:
+        got = await self.recv()
+        assert got["type"] == kind, got
+        return got
+
+    async def drain_to_pong(self) -> list[dict[str, Any]]:
+        """Every frame that arrives before the answer to a ping: proves 'nothing else came'."""
+        ref = f"p{next(_refs)}"
+        self.send({"type": "ping", "ref": ref})
+        before = []
+        while True:
+            got = await self.recv()
+            if got == {"type": "pong", "ref": ref}:
+                return before
+            before.append(got)
+
+    async def join(self, room: str) -> dict[str, Any]:
+        got = await self.request({"type": "join", "room": room})
+        assert got["type"] == "joined", got
+        return got
+
+    async def wait_closed(self, timeout: float = TIMEOUT) -> int | None:
+        return await self.proto.closed.addTimeout(timeout, reactor)
+
+    async def close(self) -> None:
+        if not self.proto.closed.called:
+            self.proto.sendClose(1000)
+            await self.wait_closed()
+
+
+async def connect(
+    port: int,
+    user: str | None = "alice",
+    query: str | None = None,
+    protocols: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    path: str = "/ws",
+) -> Client:
+    if query is None:
+        query = f"user={user}" if user is not None else ""
+    url = f"ws://127.0.0.1:{port}{path}" + (f"?{query}" if query else "")
+    factory = WebSocketClientFactory(url, protocols=protocols, headers=headers)
+    factory.protocol = ClientProtocol
+    factory.opened = Deferred()
+    factory.setProtocolOptions(autoPingInterval=0, maxMessagePayloadSize=0)
+
+    def build(addr: Any) -> ClientProtocol:
+        proto = WebSocketClientFactory.buildProtocol(factory, addr)
+        proto.frames = DeferredQueue()
+        proto.closed = Deferred()
+        proto.close_code = None
+        return proto
+
+    factory.buildProtocol = build
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)
+    await endpoint.connect(factory).addTimeout(TIMEOUT, reactor)
+    proto = await factory.opened.addTimeout(TIMEOUT, reactor)
+    return Client(proto)
+
+
+class _RawHTTP(Protocol):
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if b"\r\n\r\n" in self.data and not self.done.called:
+            self.done.callback(self.data)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.done.called:
+            self.done.callback(self.data)
+
+
+async def raw_request(port: int, request: bytes) -> bytes:
+    """Send raw bytes, return what came back up to the end of the response headers."""
+    proto = _RawHTTP(request)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)
+    await endpoint.connect(ProtocolFactory.forProtocol(lambda: proto)).addTimeout(TIMEOUT, reactor)
+    return await proto.done.addTimeout(TIMEOUT, reactor)
+
+
+async def handshake_status(
+    port: int, path: str = "/ws", query: str = "user=alice", headers: dict[str, str] | None = None
+) -> int:
+    """The HTTP status a WebSocket opening handshake gets."""
+    lines = [
+        f"GET {path}?{query} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    data = await raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    return int(data.split(b" ", 2)[1])
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    agent = Agent(reactor)
+    response = await agent.request(b"GET", f"http://127.0.0.1:{port}{path}".encode()).addTimeout(
+        TIMEOUT, reactor
+    )
+    body = await readBody(response)
+    return response.code, body
