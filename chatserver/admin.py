@@ -15,11 +15,12 @@ from chatserver.config import ConfigError, load
 
 
 def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML configuration file")
+    common.add_argument("--database-url", help="overrides database_url")
     parser = argparse.ArgumentParser(prog="chatserver-admin")
-    parser.add_argument("--config", help="TOML configuration file")
-    parser.add_argument("--database-url", help="overrides database_url")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply pending schema migrations")
+    sub.add_parser("migrate", parents=[common], help="apply pending schema migrations")
     args = parser.parse_args(argv)
     try:
         config = load(args.config, os.environ, {"database_url": args.database_url})

@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 
 def _default_listen() -> tuple[str, ...]:
-    # PaaS hosts hand the port over in $PORT.
-    return (f"tcp:{os.environ.get('PORT') or 8080}",)
+    # PaaS hosts hand the port over in $PORT. A deep backlog: after a deploy,
+    # thousands of clients reconnect at once (Twisted's default is 50).
+    return (f"tcp:{os.environ.get('PORT') or 8080}:backlog=1024",)
 
 
 def _setting(default: Any, doc: str, **extra: Any) -> Any:

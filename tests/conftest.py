@@ -25,7 +25,7 @@ async def make_server(tmp_path: Any) -> Any:
     running: list[ChatServerService] = []
 
     def make(**settings: Any) -> ChatServerService:
-        settings.setdefault("listen", ("tcp:0:interface=127.0.0.1",))
+        settings.setdefault("listen", ("tcp:0:interface=127.0.0.1:backlog=1024",))
         settings.setdefault("database_url", f"sqlite:///{tmp_path}/chat.sqlite3")
         service = ChatServerService(Config(**settings), reactor, hub=hub)
         service.startService()
@@ -42,3 +42,46 @@ async def make_server(tmp_path: Any) -> Any:
 @pytest.fixture
 def server(make_server: Callable[..., Any]) -> Any:
     return make_server()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    """One throwaway PostgreSQL cluster for the session; tests get their own databases."""
+    from servers import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+def fresh_database(server: Any) -> str:
+    """A new, migrated database on ``server``."""
+    from chatserver.store import postgres as pg
+
+    url = server.create_database(f"chat_{next(_databases)}")
+    pg.migrate_database(url)
+    return url
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    return fresh_database(postgres)
+
+
+@pytest.fixture
+def own_postgres() -> Any:
+    """A cluster of this test's own, for tests that stop and restart it."""
+    from servers import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

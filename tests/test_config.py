@@ -10,7 +10,7 @@ from chatserver.config import Config, ConfigError, load
 def test_defaults_are_the_embedded_setup(monkeypatch):
     monkeypatch.delenv("PORT", raising=False)
     c = load(None, {}, {})
-    assert c.listen == ("tcp:8080",)
+    assert c.listen == ("tcp:8080:backlog=1024",)
     assert c.auth == "none" and c.redis_url is None
     assert c.database_url == "sqlite:///chatserver.sqlite3"
     assert c.effective_pool_size == 1
@@ -18,7 +18,7 @@ def test_defaults_are_the_embedded_setup(monkeypatch):
 
 def test_port_from_the_environment_like_a_paas(monkeypatch):
     monkeypatch.setenv("PORT", "5005")
-    assert load(None, {}, {}).listen == ("tcp:5005",)
+    assert load(None, {}, {}).listen == ("tcp:5005:backlog=1024",)
 
 
 def test_precedence_file_env_cli(tmp_path):

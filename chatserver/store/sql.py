@@ -132,6 +132,7 @@ class SQLStore:
         self._writers = writers
         self._queue: deque[_Pending] = deque()
         self._in_flight = 0
+        self._busy_rooms: dict[str, int] = {}  # room -> its messages in flight
         self._idle_waiters: list[Deferred[None]] = []
         self._closed = False
         # Counters for metrics.
@@ -159,9 +160,41 @@ class SQLStore:
 
     def _kick(self) -> None:
         while self._queue and self._in_flight < self._writers:
-            batch = [self._queue.popleft() for _ in range(min(self._batch_max, len(self._queue)))]
+            batch = self._take_batch()
+            if not batch:
+                return
             self._in_flight += 1
             self._write(batch, attempts_left=self._pool.max + 1)
+
+    def _take_batch(self) -> list[_Pending]:
+        """The oldest waiting messages whose rooms have no batch in flight.
+
+        A room is in at most one transaction at a time, so its messages get ids
+        in the order they were queued: one sender's messages keep their order.
+        """
+        busy = self._busy_rooms
+        if not busy:
+            n = min(self._batch_max, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+        else:
+            batch, kept = [], deque()
+            while self._queue and len(batch) < self._batch_max:
+                p = self._queue.popleft()
+                (kept if p.room in busy else batch).append(p)
+            kept.extend(self._queue)
+            self._queue = kept
+        for p in batch:
+            busy[p.room] = busy.get(p.room, 0) + 1
+        return batch
+
+    def _release(self, batch: list[_Pending]) -> None:
+        busy = self._busy_rooms
+        for p in batch:
+            left = busy[p.room] - 1
+            if left:
+                busy[p.room] = left
+            else:
+                del busy[p.room]
 
     def _write(self, batch: list[_Pending], attempts_left: int) -> None:
         ts = int(self._clock.seconds() * 1000)
@@ -204,6 +237,7 @@ class SQLStore:
 
     def _written(self, ids: list[int], batch: list[_Pending], ts: int) -> None:
         self._in_flight -= 1
+        self._release(batch)
         self.batches += 1
         self.stored += len(batch)
         self.last_batch_size = len(batch)
@@ -218,6 +252,7 @@ class SQLStore:
             self._write(batch, attempts_left - 1)
             return
         self._in_flight -= 1
+        self._release(batch)
         self.failed += len(batch)
         cause = failure.value.cause if failure.check(_BeforeCommit) else failure.value
         self.log.warn(

@@ -1,0 +1,317 @@
+"""The Postgres store against a real throwaway PostgreSQL: bounded connections,
+gap-free ids in commit order, resume with history, outages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psycopg2
+import pytest
+import pytest_twisted
+from conftest import fresh_database
+from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from wsclient import connect
+
+from chatserver.config import Config
+from chatserver.service import ChatServerService
+from chatserver.store import SchemaError, StoreUnavailable
+from chatserver.store.open import open_store
+
+ensure = pytest_twisted.ensureDeferred
+pytestmark = pytest.mark.postgres
+
+
+class Sampler:
+    """Polls a query from a thread until stopped; keeps every result."""
+
+    def __init__(self, url: str, sql: str, args: tuple = ()) -> None:
+        self.url, self.sql, self.args = url, sql, args
+        self.results: list[tuple] = []
+        self._stop = threading.Event()
+        self.done: Deferred | None = None
+
+    def _run(self) -> None:
+        conn = psycopg2.connect(self.url, application_name="sampler")
+        conn.autocommit = True
+        cur = conn.cursor()
+        try:
+            while not self._stop.is_set():
+                cur.execute(self.sql, self.args)
+                self.results.append(cur.fetchone())
+        finally:
+            conn.close()
+
+    def start(self) -> Sampler:
+        self.done = threads.deferToThread(self._run)
+        return self
+
+    async def stop(self) -> list[tuple]:
+        self._stop.set()
+        await self.done
+        return self.results
+
+
+def db_name(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def assert_gap_free(ids: list[int]) -> None:
+    assert ids == list(range(ids[0], ids[0] + len(ids))), ids
+
+
+async def read_all_history(client, room: str) -> list[dict]:
+    out, after = [], 0
+    while True:
+        page = await client.request({"type": "history", "room": room, "after": after, "limit": 100})
+        out += page["messages"]
+        if not page["more"]:
+            return out
+        after = out[-1]["id"]
+
+
+# -- schema -------------------------------------------------------------------
+
+
+def test_server_refuses_an_unmigrated_or_newer_schema(postgres):
+    url = postgres.create_database("unmigrated")
+    config = Config(listen=("tcp:0:interface=127.0.0.1",), database_url=url)
+    with pytest.raises(SchemaError, match="chatserver-admin migrate"):
+        ChatServerService(config, reactor)
+    admin = Path(sys.executable).parent / "chatserver-admin"
+    done = subprocess.run(
+        [str(admin), "migrate", "--database-url", url], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "applied migrations: [1]" in done.stdout
+    again = subprocess.run(
+        [str(admin), "migrate", "--database-url", url], capture_output=True, text=True
+    )
+    assert "up to date" in again.stdout
+    postgres.query("INSERT INTO schema_version VALUES (99)", database="unmigrated")
+    with pytest.raises(SchemaError, match="upgrade chatserver"):
+        ChatServerService(config, reactor)
+
+
+# -- bounded connections -------------------------------------------------------
+
+
+@ensure
+async def test_pool_of_3_never_opens_more_than_3_connections_for_500_senders(make_server, postgres):
+    url = fresh_database(postgres)
+    server = make_server(database_url=url, db_pool_size=3)
+    clients = []
+    for chunk in range(0, 500, 50):
+        clients += await gatherResults(
+            [
+                Deferred.fromCoroutine(connect(server.port, f"u{i}"))
+                for i in range(chunk, chunk + 50)
+            ]
+        )
+    await gatherResults(
+        [Deferred.fromCoroutine(c.join(f"room{i % 10}")) for i, c in enumerate(clients)]
+    )
+    sampler = Sampler(
+        postgres.url,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+        (db_name(url), "chatserver"),
+    ).start()
+    acks = await gatherResults(
+        [
+            Deferred.fromCoroutine(
+                c.request({"type": "send", "room": f"room{i % 10}", "body": "x"})
+            )
+            for i, c in enumerate(clients)
+        ]
+    )
+    counts = [r[0] for r in await sampler.stop()]
+    assert all(a["type"] == "ack" for a in acks)
+    assert max(counts) <= 3, max(counts)
+    assert max(counts) >= 1  # the sampler really saw the server
+    # Group commit: far fewer transactions than messages.
+    assert server.store.batches < 500
+    await gatherResults([Deferred.fromCoroutine(c.close()) for c in clients])
+
+
+# -- ids ----------------------------------------------------------------------
+
+
+@ensure
+async def test_many_senders_one_room_every_receiver_sees_gap_free_ids(make_server, pg_url):
+    server = make_server(database_url=pg_url, db_pool_size=4)
+    senders = [await connect(server.port, f"s{i}") for i in range(20)]
+    watchers = [await connect(server.port, f"w{i}") for i in range(5)]
+    for c in senders + watchers:
+        await c.join("hot")
+    per_sender = 25
+    total = len(senders) * per_sender
+
+    async def send_all(c, n):
+        for j in range(per_sender):
+            c.send({"type": "send", "room": "hot", "body": f"{n}:{j}", "ref": j})
+
+    for n, c in enumerate(senders):
+        await send_all(c, n)
+
+    async def collect(c):
+        got = []
+        while len(got) < total:
+            f = await c.recv()
+            if f["type"] == "message":
+                got.append(f)
+            else:
+                assert f["type"] == "ack", f
+        return got
+
+    received = await gatherResults([Deferred.fromCoroutine(collect(c)) for c in senders + watchers])
+    first = received[0]
+    for got in received:
+        assert [m["id"] for m in got] == list(range(1, total + 1))
+        assert got == first
+    history = await read_all_history(watchers[0], "hot")
+    assert [{k: m[k] for k in ("id", "user", "body", "ts")} for m in first] == [
+        {k: m[k] for k in ("id", "user", "body", "ts")} for m in history
+    ]
+    # Each sender's own messages keep its order.
+    for n in range(len(senders)):
+        mine = [m["body"] for m in first if m["user"] == f"s{n}"]
+        assert mine == [f"{n}:{j}" for j in range(per_sender)]
+
+
+@ensure
+async def test_two_stores_on_one_room_commit_ids_in_order(pg_url):
+    """Two pools, as two server processes have: at every instant the committed ids are 1..max."""
+    config = Config(database_url=pg_url, db_pool_size=2, store_batch_max=7)
+    stores = [open_store(config, reactor), open_store(config, reactor)]
+    sampler = Sampler(
+        pg_url, "SELECT count(*), coalesce(max(id), 0) FROM messages WHERE room = %s", ("shared",)
+    ).start()
+    n = 600
+    results = await gatherResults(
+        [stores[i % 2].append("shared", f"w{i % 2}", f"m{i}") for i in range(n)]
+    )
+    snapshots = await sampler.stop()
+    assert sorted(m.id for m in results) == list(range(1, n + 1))
+    assert len(snapshots) > 10
+    for count, top in snapshots:
+        assert count == top, "a later id was visible before an earlier one committed"
+    # Within one store, the order of appends is the order of ids.
+    for w in (0, 1):
+        ids = [m.id for m in results if m.user == f"w{w}"]
+        assert ids == sorted(ids)
+    for s in stores:
+        await s.close()
+
+
+@ensure
+async def test_reconnecting_client_gets_exactly_what_it_missed(make_server, pg_url):
+    server = make_server(database_url=pg_url)
+    a = await connect(server.port, "alice")
+    b = await connect(server.port, "bob")
+    await a.join("r")
+    await b.join("r")
+    await a.request({"type": "send", "room": "r", "body": "seen"})
+    last_seen = (await b.expect("message"))["id"]
+    await b.close()
+    missed = []
+    for i in range(130):
+        missed.append((await a.request({"type": "send", "room": "r", "body": f"missed {i}"}))["id"])
+    b = await connect(server.port, "bob")
+    await b.join("r")
+    got, after = [], last_seen
+    while True:
+        page = await b.request({"type": "history", "room": "r", "after": after, "limit": 50})
+        got += [m["id"] for m in page["messages"]]
+        if not page["more"]:
+            break
+        after = got[-1]
+    assert got == missed
+
+
+# -- outages ------------------------------------------------------------------
+
+
+class Chatter:
+    """Sends one message after another, recording acks and errors, until stopped."""
+
+    def __init__(self, client, room: str) -> None:
+        self.client, self.room = client, room
+        self.acked: list[tuple[int, str]] = []
+        self.errors: list[str] = []
+        self.running = True
+        self._watch: list[tuple[callable, Deferred]] = []
+
+    def when(self, predicate) -> Deferred:
+        d: Deferred = Deferred()
+        self._watch.append((predicate, d))
+        self._check()
+        return d.addTimeout(60, reactor)
+
+    def _check(self) -> None:
+        for item in list(self._watch):
+            if item[0](self):
+                self._watch.remove(item)
+                item[1].callback(None)
+
+    async def run(self) -> None:
+        i = 0
+        while self.running:
+            body = f"n{i}"
+            i += 1
+            got = await self.client.request({"type": "send", "room": self.room, "body": body})
+            if got["type"] == "ack":
+                self.acked.append((got["id"], body))
+            else:
+                assert got["code"] == "unavailable", got
+                self.errors.append(got["message"])
+            self._check()
+
+
+@ensure
+async def test_postgres_restart_mid_run_errors_then_recovers_and_loses_nothing(
+    make_server, own_postgres
+):
+    url = fresh_database(own_postgres)
+    server = make_server(database_url=url, db_pool_size=2)
+    a = await connect(server.port, "alice")
+    await a.join("r")
+    chatter = Chatter(a, "r")
+    running = Deferred.fromCoroutine(chatter.run())
+    await chatter.when(lambda c: len(c.acked) >= 20)
+    await threads.deferToThread(own_postgres.stop)
+    await chatter.when(lambda c: len(c.errors) >= 3)
+    acked_before = len(chatter.acked)
+    await threads.deferToThread(own_postgres.restart)
+    await chatter.when(lambda c: len(c.acked) >= acked_before + 20)
+    chatter.running = False
+    await running
+
+    # Every ack is in the store, once, under the id it was acked with.
+    stored = await read_all_history(a, "r")
+    by_id = {m["id"]: m["body"] for m in stored}
+    for mid, body in chatter.acked:
+        assert by_id[mid] == body
+    assert [m["id"] for m in stored] == list(range(1, len(stored) + 1))
+    # No leak: the pool has its fixed number of threads and connections.
+    pool = server.store._pool
+    assert len(pool.threadpool.threads) <= 2
+    count = own_postgres.query(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'chatserver'"
+    )[0][0]
+    assert count <= 2
+
+
+@ensure
+async def test_store_queue_bound_fails_fast_with_unavailable(pg_url):
+    config = Config(database_url=pg_url, db_pool_size=1, store_queue_max=2)
+    store = open_store(config, reactor)
+    ds = [store.append("q", "u", f"m{i}") for i in range(5)]
+    # One batch is in flight, two wait; the rest are refused at once.
+    results = await DeferredList(ds, consumeErrors=True)
+    outcomes = [ok for ok, _ in results]
+    assert outcomes == [True, True, True, False, False]
+    assert all(r.check(StoreUnavailable) for ok, r in results if not ok)
+    await store.close()
