@@ -52,6 +52,21 @@ class Config:
     )
     db_pool_size: int = _setting(4, "Database connections (fixed; SQLite always uses 1).")
     redis_url: str | None = _setting(None, "redis:// or rediss:// URL; unset = in-memory broker.")
+    redis_tls_ca_file: str | None = _setting(
+        None, "PEM CA bundle to verify the Redis server (rediss://); unset = system CAs."
+    )
+    redis_tls_cert_file: str | None = _setting(None, "PEM client certificate for Redis TLS.")
+    redis_tls_key_file: str | None = _setting(None, "PEM key of redis_tls_cert_file.")
+    redis_publishers: int = _setting(2, "Redis connections used to publish (one more subscribes).")
+    redis_keepalive: float = _setting(
+        10.0, "Seconds between PINGs on every Redis connection (keep under Redis' timeout)."
+    )
+    redis_timeout: float = _setting(
+        5.0, "Seconds a Redis reply may take before the connection is dropped and remade."
+    )
+    redis_republish_max: int = _setting(
+        10000, "Messages kept to publish again once Redis is back after an outage."
+    )
     max_body_chars: int = _setting(4000, "Longest message body, in characters.")
     max_frame_bytes: int = _setting(65536, "Largest WebSocket message accepted, in bytes.")
     max_rooms_per_connection: int = _setting(100, "Rooms one connection may be joined to.")
@@ -91,6 +106,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "store_queue_max": (1, 10_000_000),
     "store_batch_max": (1, 100_000),
     "gap_timeout": (0.001, 60),
+    "redis_publishers": (1, 64),
+    "redis_keepalive": (0.05, 3600),
+    "redis_timeout": (0.05, 600),
+    "redis_republish_max": (0, 10_000_000),
 }
 
 
@@ -112,8 +131,19 @@ def _validate(c: Config) -> None:
         )
     if c.is_sqlite and not c.database_url.startswith("sqlite:///"):
         raise ConfigError(f"database_url = {c.database_url!r}: write sqlite:///PATH")
-    if c.redis_url is not None and urlsplit(c.redis_url).scheme not in ("redis", "rediss"):
-        raise ConfigError(f"redis_url = {c.redis_url!r}: must start with redis:// or rediss://")
+    if c.redis_url is not None:
+        from chatserver.broker.redis_url import RedisURLError, parse_redis_url
+
+        try:
+            parse_redis_url(c.redis_url)
+        except RedisURLError as e:
+            raise ConfigError(f"redis_url: {e}") from None
+    if (c.redis_tls_cert_file is None) != (c.redis_tls_key_file is None):
+        raise ConfigError("redis_tls_cert_file and redis_tls_key_file go together")
+    for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+        path = getattr(c, name)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{name} = {path!r}: no such file")
 
 
 SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}

@@ -102,7 +102,7 @@ class ChatServerService(MultiService):
             return MemoryBroker(hub or MemoryHub(self.reactor))
         from chatserver.broker.redis import RedisBroker
 
-        return RedisBroker(self.config.redis_url, self.reactor)
+        return RedisBroker(self.config, self.reactor)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         return 200, {

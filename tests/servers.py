@@ -104,7 +104,9 @@ def _encode_command(args: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-def _write_tls_material(directory: Path) -> dict[str, Path]:
+def _write_tls_material(
+    directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1")
+) -> dict[str, Path]:
     """Create a throwaway CA plus server and client certificates.
 
     TLS tests need a chain that verifies against a known CA, with SANs for
@@ -204,9 +206,15 @@ def _write_tls_material(directory: Path) -> dict[str, Path]:
         )
         return key, cert
 
+    def san(name: str) -> x509.GeneralName:
+        try:
+            return x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            return x509.DNSName(name)
+
     server_key, server_cert = leaf(
-        "localhost",
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        names[0],
+        [san(n) for n in names],
         ExtendedKeyUsageOID.SERVER_AUTH,
     )
     client_key, client_cert = leaf(
@@ -240,7 +248,13 @@ class RedisServer:
 
     host = "127.0.0.1"
 
-    def __init__(self, *, password: str | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        tls: bool = False,
+        tls_names: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -249,6 +263,7 @@ class RedisServer:
         self.binary = binary
         self.password = password
         self.tls = tls
+        self.tls_names = tls_names
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="chatserver-redis-"))
         self.log_file = self.dir / "redis.log"
@@ -260,7 +275,8 @@ class RedisServer:
         self.client_cert_file: str | None = None
         self.client_key_file: str | None = None
         if tls:
-            for attr, path in _write_tls_material(self.dir).items():
+            # tls_names: what the server certificate is valid for.
+            for attr, path in _write_tls_material(self.dir, tls_names).items():
                 setattr(self, attr, str(path))
 
     @property
@@ -334,7 +350,8 @@ class RedisServer:
         sock = socket.create_connection((self.host, self.port), timeout=timeout)
         if self.tls:
             try:
-                return self.ssl_context().wrap_socket(sock, server_hostname="localhost")
+                # Verify against the first name the certificate was made for.
+                return self.ssl_context().wrap_socket(sock, server_hostname=self.tls_names[0])
             except BaseException:
                 sock.close()
                 raise

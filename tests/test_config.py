@@ -76,4 +76,5 @@ def test_example_file_documents_every_setting():
 
     lines = [ln.removeprefix("# ") for ln in example.splitlines() if not ln.startswith("##")]
     values = tomllib.loads("\n".join(ln for ln in lines if " = " in ln))
-    load(None, {}, {k: v for k, v in values.items() if k != "jwt_secret" and k != "auth"})
+    skip = {"jwt_secret", "auth"} | {k for k in values if k.endswith("_file")}
+    load(None, {}, {k: v for k, v in values.items() if k not in skip})

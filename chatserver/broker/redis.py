@@ -1,0 +1,376 @@
+"""The scale-out broker: per-room Redis pub/sub channels over txredisapi.
+
+One subscriber connection and a small publisher pool per instance. The
+subscriber holds only the channels of rooms with local members. What
+txredisapi does not do, this does (each is a production failure otherwise):
+
+- re-subscribe every wanted channel after a reconnect, one channel per
+  SUBSCRIBE (a multi-channel SUBSCRIBE misroutes later replies), then ask the
+  core to re-read the store for anything published while we were away;
+- PING every connection on a timer with a reply timeout, so Redis' idle
+  ``timeout`` never closes a connection and a hung or half-open server is
+  noticed and the connection remade;
+- never wait for a publisher: with no live connection a publish is counted,
+  kept (bounded) and published again once Redis is back;
+- rebuild a factory that gave up after a failed AUTH or SELECT;
+- verify TLS (server certificate and host name) instead of trusting anything.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import txredisapi
+from twisted.internet import endpoints, ssl
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatserver.broker import MessageHandler, ResyncHandler
+from chatserver.broker.redis_url import parse_redis_url
+from chatserver.config import Config
+
+RECONNECT_MAX_DELAY = 5.0
+
+log = Logger()
+
+
+def channel_prefix(db: int) -> bytes:
+    # Pub/sub ignores SELECT: the db number in the name keeps deployments that
+    # share one Redis (on different dbs) from hearing each other.
+    return b"chat:%d:room:" % db
+
+
+class _HandshakeAware:
+    """Knows when TLS verification has passed: before that a connection is not usable."""
+
+    handshake: Deferred[None]
+
+    def handshakeCompleted(self) -> None:
+        if not self.handshake.called:
+            self.handshake.callback(None)
+
+
+@implementer(IHandshakeListener)
+class _Subscriber(_HandshakeAware, txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        self.factory.broker._received(channel, message)
+
+    def connectionLost(self, why: Failure) -> None:
+        self.factory.broker._connection_lost("subscriber", self, why)
+        super().connectionLost(why)
+
+
+@implementer(IHandshakeListener)
+class _Publisher(_HandshakeAware, txredisapi.RedisProtocol):
+    def connectionLost(self, why: Failure) -> None:
+        self.factory.broker._connection_lost("publisher", self, why)
+        super().connectionLost(why)
+
+
+class _Factory(txredisapi.RedisFactory):
+    """A RedisFactory that knows its broker, reconnects quickly, and keeps bytes as bytes."""
+
+    maxDelay = RECONNECT_MAX_DELAY
+    initialDelay = 0.2
+
+    def __init__(self, broker: RedisBroker, protocol: type, poolsize: int) -> None:
+        address = broker.address
+        super().__init__(
+            None,
+            address.db if protocol is _Publisher else None,
+            poolsize,
+            isLazy=True,
+            charset=None,  # payloads stay bytes
+            password=address.password,
+            replyTimeout=broker.timeout,
+            convertNumbers=False,  # "007" must not arrive as 7
+            username=address.username,
+        )
+        self.protocol = protocol
+        self.broker = broker
+
+    def buildProtocol(self, addr: Any) -> Any:
+        p = super().buildProtocol(addr)
+        p.handshake = Deferred() if self.broker.address.tls else succeed(None)
+        return p
+
+    def _connectionReady(self, conn: Any) -> None:
+        # After AUTH/SELECT, and for TLS once the server's certificate verified.
+        conn.handshake.addCallback(lambda _: super(_Factory, self)._connectionReady(conn))
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)
+        if conn not in self.pool:
+            return
+        if self.protocol is _Subscriber:
+            self.broker._subscriber_ready(conn)
+        else:
+            self.broker._publisher_ready(conn)
+
+
+class RedisBroker:
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.address = parse_redis_url(config.redis_url or "")
+        self.timeout = config.redis_timeout
+        self._config = config
+        self._reactor = reactor
+        self._prefix = channel_prefix(self.address.db)
+        self._on_message: MessageHandler | None = None
+        self._on_resync: ResyncHandler | None = None
+        self._rooms: set[str] = set()
+        self._subscriber: _Subscriber | None = None
+        self._sub_factory: _Factory | None = None
+        self._pub_factory: _Factory | None = None
+        self._next_publisher = 0
+        self._republish: deque[tuple[bytes, bytes]] = deque(maxlen=config.redis_republish_max)
+        self._keepalive = LoopingCall(self._ping_all)
+        self._keepalive.clock = reactor
+        self._stopping = False
+        self._ever_subscribed = False
+        self._subscribed = False
+        self._observers: list[Callable[[str, Any], None]] = []
+        # Counters for metrics.
+        self.published = 0
+        self.publish_failures = 0
+        self.republished = 0
+        self.received = 0
+        self.reconnects = 0
+        self.last_error: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _endpoint(self) -> Any:
+        a = self.address
+        plain = endpoints.HostnameEndpoint(self._reactor, a.host, a.port, timeout=self.timeout)
+        if not a.tls:
+            return plain
+        c = self._config
+        trust = (
+            ssl.Certificate.loadPEM(open(c.redis_tls_ca_file, "rb").read())
+            if c.redis_tls_ca_file
+            else ssl.platformTrust()
+        )
+        client = None
+        if c.redis_tls_cert_file and c.redis_tls_key_file:
+            cert = open(c.redis_tls_cert_file, "rb").read()
+            key = open(c.redis_tls_key_file, "rb").read()
+            client = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
+        options = ssl.optionsForClientTLS(a.host, trustRoot=trust, clientCertificate=client)
+        return endpoints.wrapClientTLS(options, plain)
+
+    def _start_factories(self) -> None:
+        endpoint = self._endpoint()
+        self._sub_factory = _Factory(self, _Subscriber, 1)
+        self._pub_factory = _Factory(self, _Publisher, self._config.redis_publishers)
+        self._sub_factory.startConnecting(endpoint)
+        self._pub_factory.startConnecting(endpoint)
+        # Failures are reported through connectionLost and the watchdog.
+        for f in (self._sub_factory, self._pub_factory):
+            f.deferred.addErrback(self._factory_failed)
+
+    def _factory_failed(self, failure: Failure) -> None:
+        self.last_error = failure.getErrorMessage()
+        log.warn("redis: {error}", error=self.last_error)
+
+    def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> Deferred[None]:
+        self._on_message = on_message
+        self._on_resync = on_resync
+        self._start_factories()
+        self._keepalive.start(self._config.redis_keepalive, now=False)
+        # Serving does not wait for Redis: without it, rooms still work locally.
+        return succeed(None)
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        if self._keepalive.running:
+            self._keepalive.stop()
+        for f in (self._sub_factory, self._pub_factory):
+            if f is not None:
+                await f.disconnect()
+
+    def stop(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    def observe(self, callback: Callable[[str, Any], None]) -> None:
+        """Call ``callback(event, detail)`` on connection events (for tests and logs)."""
+        self._observers.append(callback)
+
+    def _event(self, event: str, detail: Any = None) -> None:
+        for callback in list(self._observers):
+            callback(event, detail)
+
+    @property
+    def subscribed_rooms(self) -> int:
+        return len(self._rooms)
+
+    @property
+    def connected(self) -> bool:
+        return (
+            self._subscriber is not None
+            and self._subscriber.connected
+            and self._subscribed
+            and self._live_publisher() is not None
+        )
+
+    def when_connected(self) -> Deferred[None]:
+        """Fires once the subscriber has (re)subscribed and a publisher is up."""
+        d: Deferred[None] = Deferred()
+        if self.connected:
+            d.callback(None)
+            return d
+
+        def check(event: str, detail: Any) -> None:
+            if self.connected and not d.called:
+                self._observers.remove(check)
+                d.callback(None)
+
+        self._observers.append(check)
+        return d
+
+    def sync(self) -> Deferred[Any]:
+        """A PING on the subscriber: fires once Redis has done every (UN)SUBSCRIBE sent before."""
+        sub = self._subscriber
+        if sub is None or not sub.connected:
+            return succeed(None)
+        return sub.ping()
+
+    # -- subscriptions --------------------------------------------------------
+
+    def _channel(self, room: str) -> bytes:
+        return self._prefix + room.encode()
+
+    def subscribe(self, room: str) -> Deferred[None]:
+        self._rooms.add(room)
+        sub = self._subscriber
+        if sub is None or not sub.connected:
+            # Subscribed when Redis is back; the resync then fills what was missed.
+            return succeed(None)
+        d = sub.subscribe([self._channel(room)])
+        d.addCallbacks(lambda _: None, self._subscribe_failed, errbackArgs=(room,))
+        return d
+
+    def _subscribe_failed(self, failure: Failure, room: str) -> None:
+        # The connection went away; _subscriber_ready re-subscribes everything.
+        log.warn("redis: subscribing {room} failed: {error}", room=room, error=failure.value)
+
+    def unsubscribe(self, room: str) -> None:
+        self._rooms.discard(room)
+        sub = self._subscriber
+        if sub is not None and sub.connected:
+            sub.unsubscribe([self._channel(room)]).addErrback(lambda _: None)
+
+    def _subscriber_ready(self, proto: _Subscriber) -> None:
+        self._subscriber = proto
+        self._subscribed = False
+        rooms = list(self._rooms)
+        # One channel per SUBSCRIBE: pipelined in one write, replies routed right.
+        pending = [proto.subscribe([self._channel(r)]) for r in rooms]
+        if self._ever_subscribed:
+            self.reconnects += 1
+        log.info(
+            "redis: subscriber connected to {host}:{port}, subscribing {count} rooms",
+            host=self.address.host,
+            port=self.address.port,
+            count=len(rooms),
+        )
+        self._ever_subscribed = True
+
+        def subscribed(_: Any) -> None:
+            self._subscribed = True
+            self._event("subscribed", len(rooms))
+            if self._on_resync is not None:
+                self._on_resync()
+
+        gatherResults(pending, consumeErrors=True).addCallbacks(subscribed, lambda _: None)
+
+    def _received(self, channel: bytes, message: bytes) -> None:
+        if not channel.startswith(self._prefix) or self._on_message is None:
+            return
+        self.received += 1
+        room = channel[len(self._prefix) :].decode()
+        if isinstance(message, str):
+            message = message.encode()
+        self._on_message(room, message)
+
+    def _connection_lost(self, role: str, proto: Any, why: Failure) -> None:
+        if role == "subscriber" and self._subscriber is proto:
+            self._subscriber = None
+            self._subscribed = False
+        if self._stopping:
+            return
+        self.last_error = why.getErrorMessage()
+        log.warn("redis: {role} connection lost: {error}", role=role, error=self.last_error)
+        self._event("lost", role)
+
+    # -- publishing -----------------------------------------------------------
+
+    def _live_publisher(self) -> Any:
+        pool = self._pub_factory.pool if self._pub_factory else []
+        for _ in range(len(pool)):
+            self._next_publisher = (self._next_publisher + 1) % len(pool)
+            conn = pool[self._next_publisher]
+            if conn.connected:
+                return conn
+        return None
+
+    def publish(self, room: str, payload: bytes) -> None:
+        self._publish(self._channel(room), payload)
+
+    def _publish(self, channel: bytes, payload: bytes) -> None:
+        conn = self._live_publisher()
+        if conn is None:
+            self._keep_for_later(channel, payload)
+            return
+        try:
+            d = conn.execute_command(b"PUBLISH", channel, payload)
+        except txredisapi.ConnectionError:
+            self._keep_for_later(channel, payload)
+            return
+        self.published += 1
+        d.addErrback(self._publish_failed, channel, payload)
+
+    def _publish_failed(self, failure: Failure, channel: bytes, payload: bytes) -> None:
+        self._keep_for_later(channel, payload)
+
+    def _keep_for_later(self, channel: bytes, payload: bytes) -> None:
+        self.publish_failures += 1
+        if self._republish.maxlen:
+            self._republish.append((channel, payload))
+
+    def _publisher_ready(self, conn: Any) -> None:
+        self._event("publisher", None)
+        if not self._republish:
+            return
+        waiting, self._republish = self._republish, deque(maxlen=self._republish.maxlen)
+        log.info("redis: publishing {count} messages kept during the outage", count=len(waiting))
+        self.republished += len(waiting)
+        for channel, payload in waiting:
+            self._publish(channel, payload)
+
+    # -- keepalive and watchdog -----------------------------------------------
+
+    def _ping_all(self) -> None:
+        factories = [f for f in (self._sub_factory, self._pub_factory) if f is not None]
+        if any(f.stopped and not f.disconnectCalled for f in factories) and not self._stopping:
+            # txredisapi stops for good after one failed AUTH/SELECT.
+            log.warn("redis: a connection gave up (failed AUTH or SELECT?); starting over")
+            for f in factories:
+                f.disconnect()
+            self._subscriber = None
+            self._start_factories()
+            return
+        for f in factories:
+            for conn in list(f.pool):
+                if conn.connected:
+                    conn.ping().addErrback(self._ping_failed, conn)
+
+    def _ping_failed(self, failure: Failure, conn: Any) -> None:
+        # txredisapi's reply timeout already aborted the connection; it reconnects.
+        if conn.transport is not None and conn.connected:
+            conn.transport.abortConnection()

@@ -1,0 +1,244 @@
+"""Several server instances on one throwaway redis-server: fan-out, isolation, faults, TLS."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from conftest import fresh_database
+from servers import RedisServer
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, gatherResults
+from wsclient import connect
+
+ensure = pytest_twisted.ensureDeferred
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def redis():
+    server = RedisServer(password="s3cret")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+def instances(make_server, redis_url: str, n: int, **settings):
+    settings.setdefault("redis_keepalive", 0.5)
+    return [make_server(redis_url=redis_url, **settings) for _ in range(n)]
+
+
+async def ready(*servers) -> None:
+    await gatherResults([s.broker.when_connected().addTimeout(15, reactor) for s in servers])
+
+
+def wait_event(server, name: str) -> Deferred:
+    d: Deferred = Deferred()
+
+    def seen(event, detail):
+        if event == name and not d.called:
+            d.callback(detail)
+
+    server.broker.observe(seen)
+    return d.addTimeout(30, reactor)
+
+
+def numsub(redis, server, room: str) -> int:
+    channel = server.broker._channel(room)
+    return int(redis.command("PUBSUB", "NUMSUB", channel)[1])
+
+
+async def messages(client, n: int) -> list[dict]:
+    got = []
+    while len(got) < n:
+        frame = await client.recv()
+        if frame["type"] == "message":
+            got.append(frame)
+    return got
+
+
+@ensure
+async def test_message_sent_on_a_reaches_b_and_c_once_in_order(make_server, redis):
+    a, b, c = instances(make_server, redis.url, 3)
+    await ready(a, b, c)
+    ca = await connect(a.port, "alice")
+    cb = await connect(b.port, "bob")
+    cc = await connect(c.port, "carol")
+    for client in (ca, cb, cc):
+        await client.join("lobby")
+    for i in range(20):
+        ca.send({"type": "send", "room": "lobby", "body": f"m{i}", "ref": i})
+    for client in (cb, cc):
+        got = await messages(client, 20)
+        assert [m["id"] for m in got] == list(range(1, 21))
+        assert [m["body"] for m in got] == [f"m{i}" for i in range(20)]
+        assert await client.drain_to_pong() == []
+    # The sender's own instance delivers once, not again from Redis.
+    own = [f for f in [await ca.recv() for _ in range(40)] if f["type"] == "message"]
+    assert [m["id"] for m in own] == list(range(1, 21))
+    assert await ca.drain_to_pong() == []
+
+
+@ensure
+async def test_an_instance_without_members_in_a_room_receives_nothing_for_it(make_server, redis):
+    # One publisher: Redis then handles A's publishes in the order A sent them.
+    a, b = instances(make_server, redis.url, 2, redis_publishers=1)
+    await ready(a, b)
+    ca = await connect(a.port, "alice")
+    await ca.join("x")
+    await ca.join("y")
+    cb = await connect(b.port, "bob")
+    await cb.join("y")
+    await gatherResults([Deferred.fromCoroutine(_sync(s)) for s in (a, b)])
+    assert numsub(redis, a, "x") == 1
+    assert numsub(redis, a, "y") == 2
+    for i in range(10):
+        await ca.request({"type": "send", "room": "x", "body": f"x{i}"})
+    await ca.request({"type": "send", "room": "y", "body": "for y"})
+    # B got y's message after every x publish was handled: none reached B.
+    assert (await cb.expect("message"))["body"] == "for y"
+    assert b.broker.received == 1
+    assert a.broker.published == 11
+    # The last member leaving unsubscribes.
+    await ca.request({"type": "leave", "room": "x"})
+    await a.broker.sync()
+    assert numsub(redis, a, "x") == 0
+    assert a.broker.subscribed_rooms == 1
+
+
+async def _sync(server) -> None:
+    await server.broker.sync()
+
+
+@ensure
+async def test_many_senders_on_two_instances_gap_free_with_postgres(make_server, redis, postgres):
+    url = fresh_database(postgres)
+    a, b = instances(make_server, redis.url, 2, database_url=url, db_pool_size=4)
+    await ready(a, b)
+    senders = [await connect((a, b)[i % 2].port, f"s{i}") for i in range(10)]
+    watchers = [await connect((a, b)[i % 2].port, f"w{i}") for i in range(4)]
+    for client in senders + watchers:
+        await client.join("hot")
+    per_sender = 30
+    total = per_sender * len(senders)
+    for j in range(per_sender):
+        for n, client in enumerate(senders):
+            client.send({"type": "send", "room": "hot", "body": f"{n}:{j}"})
+    received = await gatherResults(
+        [Deferred.fromCoroutine(messages(c, total)) for c in senders + watchers]
+    )
+    for got in received:
+        assert [m["id"] for m in got] == list(range(1, total + 1))
+        assert got == received[0]
+    for n in range(len(senders)):
+        mine = [m["body"] for m in received[0] if m["user"] == f"s{n}"]
+        assert mine == [f"{n}:{j}" for j in range(per_sender)]
+    history, after = [], 0
+    while True:
+        page = await watchers[1].request(
+            {"type": "history", "room": "hot", "after": after, "limit": 100}
+        )
+        history += page["messages"]
+        if not page["more"]:
+            break
+        after = history[-1]["id"]
+    assert [(m["id"], m["body"]) for m in history] == [(m["id"], m["body"]) for m in received[0]]
+
+
+@ensure
+async def test_redis_killed_and_restarted_flow_resumes_without_reconnecting(make_server, redis):
+    a, b = instances(make_server, redis.url, 2)
+    await ready(a, b)
+    ca = await connect(a.port, "alice")
+    ca2 = await connect(a.port, "amy")
+    cb = await connect(b.port, "bob")
+    for client in (ca, ca2, cb):
+        await client.join("r")
+    await ca.request({"type": "send", "room": "r", "body": "before"})
+    assert (await cb.expect("message"))["body"] == "before"
+
+    lost = wait_event(b, "lost")
+    redis.kill()
+    await lost
+    # During the outage: stored, acked, and delivered on the same instance.
+    for i in range(3):
+        ack = await ca.request({"type": "send", "room": "r", "body": f"during {i}"})
+        assert ack["type"] == "ack", ack
+    local = await messages(ca2, 4)
+    assert [m["body"] for m in local] == ["before", "during 0", "during 1", "during 2"]
+
+    back = b.broker.when_connected()
+    redis.restart()
+    await back.addTimeout(30, reactor)
+    await a.broker.when_connected().addTimeout(30, reactor)
+    # B's member gets what it missed, in order, once, on the same connection.
+    missed = await messages(cb, 3)
+    assert [m["body"] for m in missed] == ["during 0", "during 1", "during 2"]
+    await ca.request({"type": "send", "room": "r", "body": "after"})
+    assert (await cb.expect("message"))["body"] == "after"
+    assert await cb.drain_to_pong() == []
+    assert b.broker.reconnects >= 1
+
+
+@ensure
+async def test_idle_timeout_never_surfaces(make_server, redis):
+    redis.command("CONFIG", "SET", "timeout", "1")
+    a, b = instances(make_server, redis.url, 2, redis_keepalive=0.3)
+    await ready(a, b)
+    ca = await connect(a.port, "alice")
+    cb = await connect(b.port, "bob")
+    await ca.join("r")
+    await cb.join("r")
+    # Idle for longer than Redis' timeout: the point of the test is time passing.
+    await task.deferLater(reactor, 2.5, lambda: None)
+    await ca.request({"type": "send", "room": "r", "body": "after a quiet spell"})
+    assert (await cb.expect("message"))["body"] == "after a quiet spell"
+    for server in (a, b):
+        assert server.broker.reconnects == 0
+        assert server.broker.publish_failures == 0
+    ages = [
+        int(field.split("=")[1])
+        for line in redis.command("CLIENT", "LIST").splitlines()
+        for field in line.split()
+        if field.startswith("age=")
+    ]
+    # 2 instances x (1 subscriber + 2 publishers), none of them remade.
+    assert len([age for age in ages if age >= 2]) >= 6
+
+
+@ensure
+async def test_rediss_verifies_the_server(make_server):
+    good = RedisServer(tls=True)
+    bad = RedisServer(tls=True, tls_names=("chat.example",))
+    try:
+        good.start()
+        bad.start()
+        a, b = instances(
+            make_server,
+            good.url,
+            2,
+            redis_tls_ca_file=good.ca_file,
+            redis_tls_cert_file=good.client_cert_file,
+            redis_tls_key_file=good.client_key_file,
+        )
+        await ready(a, b)
+        ca = await connect(a.port, "alice")
+        cb = await connect(b.port, "bob")
+        await ca.join("secure")
+        await cb.join("secure")
+        await ca.request({"type": "send", "room": "secure", "body": "over TLS"})
+        assert (await cb.expect("message"))["body"] == "over TLS"
+
+        wrong = make_server(redis_url=bad.url, redis_tls_ca_file=bad.ca_file)
+        await wait_event(wrong, "lost")
+        assert not wrong.broker.connected
+        assert wrong.broker._subscriber is None or not wrong.broker._subscribed
+        assert wrong.broker.received == 0
+        # Still serves locally, storing and acking.
+        cw = await connect(wrong.port, "wendy")
+        await cw.join("local")
+        assert (await cw.request({"type": "send", "room": "local", "body": "x"}))["type"] == "ack"
+    finally:
+        good.close()
+        bad.close()
