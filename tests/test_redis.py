@@ -242,3 +242,72 @@ async def test_rediss_verifies_the_server(make_server):
     finally:
         good.close()
         bad.close()
+
+
+@ensure
+async def test_a_burst_of_subscriptions_is_routed_right_and_resubscribed(make_server, redis):
+    (a,) = instances(make_server, redis.url, 1)
+    await ready(a)
+    rooms = [f"burst{i}" for i in range(3000)]
+    # All SUBSCRIBEs leave in one turn of the reactor: pipelined, one channel each.
+    await gatherResults([a.broker.subscribe(r) for r in rooms]).addTimeout(30, reactor)
+    assert a.broker.subscribed_rooms == 3000
+    assert numsub(redis, a, "burst0") == 1 and numsub(redis, a, "burst2999") == 1
+    for r in rooms[:1000]:
+        a.broker.unsubscribe(r)
+    assert await a.broker.sync() is not None  # replies stayed aligned: PING got its pong
+    assert numsub(redis, a, "burst0") == 0 and numsub(redis, a, "burst1000") == 1
+    subscribed = wait_event(a, "subscribed")
+    redis.kill()
+    redis.restart()
+    assert await subscribed == 2000
+    channels = redis.command("PUBSUB", "CHANNELS", "chat:0:room:burst*")
+    assert len(channels) == 2000
+
+
+@ensure
+async def test_a_hung_redis_is_noticed_and_left_behind(make_server, redis):
+    import os
+    import signal
+
+    a, b = instances(make_server, redis.url, 2, redis_keepalive=0.2, redis_timeout=0.5)
+    await ready(a, b)
+    ca = await connect(a.port, "alice")
+    cb = await connect(b.port, "bob")
+    await ca.join("r")
+    await cb.join("r")
+    lost = wait_event(b, "lost")
+    os.kill(redis.pid, signal.SIGSTOP)  # like a network cut: no FIN, no RST
+    try:
+        await lost
+        back = b.broker.when_connected()
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+    await back.addTimeout(30, reactor)
+    await a.broker.when_connected().addTimeout(30, reactor)
+    await ca.request({"type": "send", "room": "r", "body": "after the cut"})
+    assert (await cb.expect("message"))["body"] == "after the cut"
+
+
+@ensure
+async def test_a_failed_auth_does_not_stop_reconnecting_for_good(make_server, redis):
+    (a,) = instances(make_server, redis.url, 1, redis_keepalive=0.2)
+    await ready(a)
+    ca = await connect(a.port, "alice")
+    await ca.join("r")
+    lost = wait_event(a, "lost")
+    redis.kill()
+    await lost
+    # Redis comes back without our user's password: AUTH fails, txredisapi gives up.
+    good = redis.password
+    redis.password = "someone-else"
+    redis.restart()
+    await wait_event(a, "lost")
+    redis.kill()
+    redis.password = good
+    back = a.broker.when_connected()
+    redis.restart()
+    await back.addTimeout(30, reactor)
+    await ca.request({"type": "send", "room": "r", "body": "auth is back"})
+    assert (await ca.expect("message"))["body"] == "auth is back"
+    assert numsub(redis, a, "r") == 1
