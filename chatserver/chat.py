@@ -7,29 +7,43 @@ code runs on SQLite or Postgres, in one process or behind Redis.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatserver import wire
+from chatserver.broker import Broker
 from chatserver.config import Config
 from chatserver.rooms import RoomRegistry
-from chatserver.store import Store, StoredMessage, StoreUnavailable
+from chatserver.store import EVERYWHERE, Access, Store, StoredMessage, StoreUnavailable
 
 CLOSE_POLICY = 1008
+CLOSE_BANNED = 4003
+
+
+class AccessDenied(Exception):
+    """A join the access rules refuse; answered with ``forbidden``."""
 
 
 class Connection(Protocol):
     """What the core needs of one client connection."""
 
     user: str
+    # Private rooms the user's token grants.
+    granted: frozenset[str]
     # room -> None once joined, or the Deferred of a join still in progress.
     rooms: dict[str, Deferred[int] | None]
     bad_frames: int
     connected: bool
+    # Token bucket for the frame rate, and rate-limited frames in a row.
+    tokens: float
+    tokens_at: float
+    strikes: int
 
     def send_frame(self, data: bytes) -> None: ...
 
@@ -41,18 +55,65 @@ class Connection(Protocol):
 class Chat:
     log = Logger()
 
-    def __init__(self, config: Config, store: Store, registry: RoomRegistry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        registry: RoomRegistry,
+        broker: Broker,
+        clock: IReactorTime,
+    ) -> None:
         self._config = config
         self._store = store
+        self._broker = broker
+        self._clock = clock
         self.registry = registry
+        self.users: dict[str, set[Connection]] = {}
         self.errors: Counter[str] = Counter()
         self.frames = 0
         self.sends = 0
+        self.kicks = 0
 
     # -- entry points from the transport ---------------------------------------
 
+    def connections_of(self, user: str) -> int:
+        return len(self.users.get(user, ()))
+
+    def connect(self, conn: Connection) -> None:
+        conn.tokens = float(self._config.rate_burst)
+        conn.tokens_at = self._clock.seconds()
+        conn.strikes = 0
+        self.users.setdefault(conn.user, set()).add(conn)
+
+    def _rate_ok(self, conn: Connection) -> bool:
+        now = self._clock.seconds()
+        c = self._config
+        conn.tokens = min(float(c.rate_burst), conn.tokens + (now - conn.tokens_at) * c.rate_limit)
+        conn.tokens_at = now
+        if conn.tokens >= 1.0:
+            conn.tokens -= 1.0
+            conn.strikes = 0
+            return True
+        return False
+
+    def _rate_limited(self, conn: Connection, payload: bytes) -> None:
+        conn.strikes += 1
+        ref = None
+        try:
+            obj = wire.decode_json(payload)
+            if isinstance(obj, dict) and isinstance(obj.get("ref"), str | int):
+                ref = obj["ref"] if not isinstance(obj["ref"], bool) else None
+        except (ValueError, UnicodeDecodeError):
+            pass
+        self._error(conn, wire.RATE_LIMITED, "too many frames; slow down", ref)
+        if conn.strikes >= self._config.rate_limit_strikes:
+            conn.close_with(CLOSE_POLICY, "rate limit exceeded")
+
     def handle(self, conn: Connection, payload: bytes, is_binary: bool) -> None:
         self.frames += 1
+        if not self._rate_ok(conn):
+            self._rate_limited(conn, payload)
+            return
         try:
             frame = wire.parse(payload, is_binary, self._config.max_body_chars)
         except wire.FrameError as e:
@@ -79,6 +140,50 @@ class Chat:
         conn.rooms.clear()
         for room in rooms:
             self.registry.leave(conn, room)
+        same_user = self.users.get(conn.user)
+        if same_user is not None:
+            same_user.discard(conn)
+            if not same_user:
+                del self.users[conn.user]
+
+    # -- kick and ban: local at once, and on every other instance via the broker --
+
+    def kick(self, room: str, user: str, reason: str = "kicked") -> None:
+        """Remove ``user`` from ``room`` (or, with room EVERYWHERE, disconnect them) everywhere."""
+        self._apply_kick(room, user, reason)
+        payload = {"op": "kick", "room": room, "user": user, "reason": reason}
+        self._broker.publish_control(wire.encode(payload))
+
+    def post(self, room: str, user: str, body: str) -> Deferred[StoredMessage]:
+        """A message from the server side (admin API): stored, then delivered like any other."""
+        d = self._store.append(room, user, body)
+
+        def stored(message: StoredMessage) -> StoredMessage:
+            self.registry.publish(message)
+            return message
+
+        return d.addCallback(stored)
+
+    def on_control(self, payload: bytes) -> None:
+        try:
+            msg = json.loads(payload)
+            op, room, user, reason = msg["op"], msg["room"], msg["user"], msg["reason"]
+        except (ValueError, KeyError, TypeError):
+            self.log.warn("ignored a malformed control message")
+            return
+        if op == "kick" and isinstance(room, str) and isinstance(user, str):
+            self._apply_kick(room, user, str(reason))
+
+    def _apply_kick(self, room: str, user: str, reason: str) -> None:
+        for conn in list(self.users.get(user, ())):
+            if room == EVERYWHERE:
+                self.kicks += 1
+                conn.close_with(CLOSE_BANNED, reason)
+            elif room in conn.rooms:
+                self.kicks += 1
+                del conn.rooms[room]
+                self.registry.leave(conn, room)
+                conn.send_frame(wire.encode({"type": "kicked", "room": room, "reason": reason}))
 
     # -- frames ---------------------------------------------------------------
 
@@ -122,9 +227,19 @@ class Chat:
                 conn, wire.FORBIDDEN, f"a connection may join at most {limit} rooms", frame.ref
             )
             return
-        d = self.registry.join(conn, room)
+        d = self._store.access(room, conn.user)
+        d.addCallback(self._check_access, conn, room)
         conn.rooms[room] = d
         d.addBoth(self._joined, conn, frame)
+
+    def _check_access(self, access: Access, conn: Connection, room: str) -> Deferred[int]:
+        if access.banned:
+            raise AccessDenied(f"you are banned from {room}")
+        if access.private and not access.member and room not in conn.granted:
+            raise AccessDenied(f"{room} is private")
+        if room not in conn.rooms or not conn.connected:
+            return None  # left (or gone) meanwhile; _joined sorts it out
+        return self.registry.join(conn, room)
 
     def _last_id(self, room: str) -> int | None:
         hosted = self.registry.rooms.get(room)
@@ -135,7 +250,10 @@ class Chat:
         if isinstance(result, Failure):
             if conn.rooms.get(room) is not None:
                 del conn.rooms[room]
-            self._error(conn, wire.UNAVAILABLE, f"could not join {room}; try again", frame.ref)
+            if result.check(AccessDenied):
+                self._error(conn, wire.FORBIDDEN, str(result.value), frame.ref)
+            else:
+                self._error(conn, wire.UNAVAILABLE, f"could not join {room}; try again", frame.ref)
             return None
         if room not in conn.rooms or not conn.connected:
             # Left (or gone) while the join was under way.

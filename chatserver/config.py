@@ -9,6 +9,7 @@ names the setting instead of surfacing later as a strange failure.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -46,6 +47,38 @@ class Config:
     )
     auth: str = _setting("none", "'none' (?user=NAME, for development) or 'token' (?token=JWT).")
     jwt_secret: str | None = _setting(None, "HS256 secret for auth = 'token'.")
+    jwt_public_key_file: str | None = _setting(
+        None, "PEM public key for RS256/ES256 tokens (auth = 'token'), instead of a secret."
+    )
+    jwt_leeway: float = _setting(30.0, "Seconds of clock skew allowed on exp and nbf.")
+    admin_api_key: str | None = _setting(
+        None, "Bearer key for the admin HTTP API at /admin; unset = no admin API."
+    )
+    admin_listen: tuple[str, ...] = _setting(
+        (), "Endpoints that serve the admin API; empty = the main port serves it."
+    )
+    allowed_origins: tuple[str, ...] = _setting(
+        ("*",),
+        "Origins allowed to open a WebSocket (scheme://host[:port], * wildcards);"
+        " requests without Origin are allowed.",
+    )
+    trusted_proxies: tuple[str, ...] = _setting(
+        (), "Proxy addresses or networks whose X-Forwarded-For is believed."
+    )
+    max_connections_per_user: int = _setting(20, "Open WebSockets one user may have.")
+    max_connections_per_ip: int = _setting(200, "Open WebSockets from one client address.")
+    handshake_timeout: float = _setting(5.0, "Seconds to complete the WebSocket handshake.")
+    rate_limit: float = _setting(20.0, "Frames per second a connection may send, sustained.")
+    rate_burst: int = _setting(40, "Frames a connection may send at once above rate_limit.")
+    rate_limit_strikes: int = _setting(
+        20, "Rate-limited frames in a row before the connection is closed with 1008."
+    )
+    max_send_buffer: int = _setting(
+        1048576, "Bytes queued for a client that does not read before it is dropped."
+    )
+    slow_client_timeout: float = _setting(
+        30.0, "Seconds a client may leave its queue unread before it is dropped."
+    )
     database_url: str = _setting(
         "sqlite:///chatserver.sqlite3",
         "sqlite:///PATH (relative to the working directory) or postgresql://...",
@@ -107,6 +140,15 @@ _RANGES: dict[str, tuple[float, float]] = {
     "store_batch_max": (1, 100_000),
     "gap_timeout": (0.001, 60),
     "redis_publishers": (1, 64),
+    "jwt_leeway": (0, 3600),
+    "max_connections_per_user": (1, 1_000_000),
+    "max_connections_per_ip": (1, 10_000_000),
+    "handshake_timeout": (0.1, 600),
+    "rate_limit": (0.01, 1_000_000),
+    "rate_burst": (1, 1_000_000),
+    "rate_limit_strikes": (1, 1_000_000),
+    "max_send_buffer": (1024, 1 << 34),
+    "slow_client_timeout": (0.1, 3600),
     "redis_keepalive": (0.05, 3600),
     "redis_timeout": (0.05, 600),
     "redis_republish_max": (0, 10_000_000),
@@ -120,8 +162,18 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"{name} = {value!r}: must be between {lo:g} and {hi:g}")
     if c.auth not in ("none", "token"):
         raise ConfigError(f"auth = {c.auth!r}: must be 'none' or 'token'")
-    if c.auth == "token" and not c.jwt_secret:
-        raise ConfigError("auth = 'token' needs jwt_secret")
+    if c.auth == "token" and not (c.jwt_secret or c.jwt_public_key_file):
+        raise ConfigError("auth = 'token' needs jwt_secret or jwt_public_key_file")
+    if c.jwt_secret and c.jwt_public_key_file:
+        raise ConfigError("give jwt_secret or jwt_public_key_file, not both")
+    for proxy in c.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {proxy!r} is not an address or network") from None
+    for origin in c.allowed_origins:
+        if origin != "*" and "://" not in origin:
+            raise ConfigError(f"allowed_origins: {origin!r} must look like https://host[:port]")
     if not c.listen:
         raise ConfigError("listen: at least one endpoint is needed")
     scheme = urlsplit(c.database_url).scheme
@@ -140,7 +192,12 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"redis_url: {e}") from None
     if (c.redis_tls_cert_file is None) != (c.redis_tls_key_file is None):
         raise ConfigError("redis_tls_cert_file and redis_tls_key_file go together")
-    for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+    for name in (
+        "redis_tls_ca_file",
+        "redis_tls_cert_file",
+        "redis_tls_key_file",
+        "jwt_public_key_file",
+    ):
         path = getattr(c, name)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{name} = {path!r}: no such file")

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from chatserver import store as store_api
+from chatserver.admin_api import AdminAPI
 from chatserver.broker.memory import MemoryBroker, MemoryHub
 from chatserver.chat import Chat
 from chatserver.config import Config
@@ -61,6 +62,12 @@ class ListenService(Service):
         return port.stopListening() if port is not None else None
 
 
+def _site(root: Any) -> Site:
+    site = Site(root)
+    site.noisy = False
+    return site
+
+
 def parse_endpoint(reactor: Any, description: str) -> Any:
     return endpoints.serverFromString(reactor, description)
 
@@ -76,25 +83,34 @@ class ChatServerService(MultiService):
         prepare(config)
         self.store = open_store(config, reactor)
         self.broker = self._make_broker(hub)
-        self.factory = ChatFactory(config, reactor)
+        self.factory = ChatFactory(config, reactor, self.store)
         self.registry = RoomRegistry(
             self.store, self.broker, self.factory.prepareMessage, reactor, config.gap_timeout
         )
-        self.chat = Chat(config, self.store, self.registry)
+        self.chat = Chat(config, self.store, self.registry, self.broker, reactor)
         self.factory.chat = self.chat
-        root = Root(
-            {
-                b"ws": UpgradeResource(self.factory),
-                b"healthz": JSONResource(self.health),
-            },
-            StaticPage("index.html", b"text/html; charset=utf-8"),
-        )
-        self.site = Site(root)
-        self.site.noisy = False
+        children: dict[bytes, Any] = {
+            b"ws": UpgradeResource(self.factory),
+            b"healthz": JSONResource(self.health),
+        }
+        self.admin = AdminAPI(config, self.store, self.chat) if config.admin_api_key else None
+        admin_sites = []
+        if self.admin is not None:
+            if config.admin_listen:
+                admin_sites = [
+                    (desc, _site(Root({b"admin": self.admin}, None)))
+                    for desc in config.admin_listen
+                ]
+            else:
+                children[b"admin"] = self.admin
+        self.site = _site(Root(children, StaticPage("index.html", b"text/html; charset=utf-8")))
         self.listeners = [
             ListenService(desc, parse_endpoint(reactor, desc), self.site) for desc in config.listen
         ]
-        for listener in self.listeners:
+        self.admin_listeners = [
+            ListenService(desc, parse_endpoint(reactor, desc), site) for desc, site in admin_sites
+        ]
+        for listener in self.listeners + self.admin_listeners:
             listener.setServiceParent(self)
 
     def _make_broker(self, hub: MemoryHub | None) -> Any:
@@ -118,7 +134,9 @@ class ChatServerService(MultiService):
     def _start_broker(self) -> None:
         if not self._broker_started:
             self._broker_started = True
-            self.broker.start(self.registry.on_broker_message, self.registry.resync)
+            self.broker.start(
+                self.registry.on_broker_message, self.registry.resync, self.chat.on_control
+            )
 
     def privilegedStartService(self) -> None:
         self._start_broker()

@@ -55,12 +55,12 @@ class StaticPage(Resource):
 
 
 class Root(Resource):
-    def __init__(self, children: dict[bytes, Resource], index: Resource) -> None:
+    def __init__(self, children: dict[bytes, Resource], index: Resource | None) -> None:
         super().__init__()
         self._children = children
         self._index = index
 
     def getChild(self, path: bytes, request: Request) -> Resource:
-        if path == b"" and not request.postpath:
+        if path == b"" and not request.postpath and self._index is not None:
             return self._index
         return self._children.get(path) or notFound()

@@ -1,52 +1,160 @@
-"""The WebSocket transport: Autobahn's protocol, adapted to the chat core's ``Connection``."""
+"""The WebSocket transport: Autobahn's protocol, adapted to the chat core's ``Connection``.
+
+The handshake is where a connection is refused (auth, origin, limits, bans).
+After it, every outgoing frame goes through one bounded queue per connection:
+the transport tells us (as an ``IPushProducer``) when its buffer is full, we
+queue while paused, and a client that stays behind or lets the queue grow past
+``max_send_buffer`` is dropped instead of growing the server's memory.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import ipaddress
+from collections import Counter, deque
+from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urlsplit
 
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from chatserver import auth, wire
 from chatserver.chat import Chat
 from chatserver.config import Config
+from chatserver.store import Store, StoreUnavailable
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_TOKEN_EXPIRED = 4001
-
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 # Module-level: Autobahn's own ``self.log`` is a level-filtered txaio logger,
 # which a twisted Logger class attribute would replace.
 log = Logger()
 
 
+def _origin_key(origin: str) -> str | None:
+    """scheme://host:port, with the default port made explicit."""
+    parts = urlsplit(origin.strip().lower())
+    if not parts.scheme or not parts.hostname:
+        return None
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+    return f"{parts.scheme}://{parts.hostname}:{port}"
+
+
+class OriginPolicy:
+    """Cross-site WebSocket hijacking: only listed browser origins may connect."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self._any = "*" in patterns
+        self._patterns = []
+        for p in patterns:
+            if p == "*":
+                continue
+            scheme, _, rest = p.lower().partition("://")
+            if ":" not in rest.rsplit("]", 1)[-1]:
+                rest = f"{rest}:{_DEFAULT_PORTS.get(scheme, '*')}"
+            self._patterns.append(f"{scheme}://{rest}")
+
+    def allows(self, origin: str | None) -> bool:
+        if origin is None or self._any:
+            return True  # non-browser clients send no Origin
+        key = _origin_key(origin)
+        return key is not None and any(fnmatchcase(key, p) for p in self._patterns)
+
+
+class ProxyPolicy:
+    """Which address a connection counts as: the peer, or X-Forwarded-For from a trusted proxy."""
+
+    def __init__(self, trusted: tuple[str, ...]) -> None:
+        self._networks = [ipaddress.ip_network(t, strict=False) for t in trusted]
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+    def client_address(self, peer: str, forwarded_for: str | None) -> str:
+        if not forwarded_for or not self._trusted(peer):
+            return peer
+        # Right to left: the first address not of our own proxies is the client.
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+
+@implementer(IPushProducer)
 class ChatProtocol(WebSocketServerProtocol):
     user = ""
+    address = ""
+    admitted = False  # counted against the per-user and per-address limits
     connected = False
     bad_frames = 0
+    granted: frozenset[str] = frozenset()
     _expiry: IDelayedCall | None = None
+    _paused_since: float | None = None
+    _slow_timer: IDelayedCall | None = None
+    _queue: deque[bytes] | None = None
+    _queued = 0
 
-    def onConnect(self, request: Any) -> str | None:
+    # -- handshake ----------------------------------------------------------
+
+    def onConnect(self, request: Any) -> Deferred[str | None]:
+        return Deferred.fromCoroutine(self._admit(request))
+
+    def _deny(self, status: int, reason: str, request: Any) -> ConnectionDeny:
         factory: ChatFactory = self.factory
+        factory.rejected[reason] += 1
+        log.info(
+            "handshake from {peer} refused ({status}): {reason}",
+            peer=request.peer,
+            status=status,
+            reason=reason,
+        )
+        text = {401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests"}.get(status)
+        return ConnectionDeny(status, text or "Refused")
+
+    async def _admit(self, request: Any) -> str | None:
+        factory: ChatFactory = self.factory
+        if not factory.origins.allows(request.headers.get("origin")):
+            raise self._deny(403, "origin not allowed", request)
         try:
-            identity = auth.authenticate(factory.config, request.params)
+            identity = factory.authenticator.authenticate(request.params)
         except auth.AuthError as e:
-            factory.rejected[e.reason] += 1
-            log.info(
-                "handshake from {peer} refused ({status}): {reason}",
-                peer=request.peer,
-                status=e.status,
-                reason=e.reason,
-            )
-            status = "Unauthorized" if e.status == 401 else "Forbidden"
-            raise ConnectionDeny(e.status, status) from None
+            raise self._deny(e.status, e.reason, request) from None
+        peer = self.transport.getPeer()
+        self.address = factory.proxies.client_address(
+            getattr(peer, "host", ""), request.headers.get("x-forwarded-for")
+        )
+        config = factory.config
+        if factory.by_address[self.address] >= config.max_connections_per_ip:
+            raise self._deny(429, "too many connections from this address", request)
+        if factory.chat.connections_of(identity.user) >= config.max_connections_per_user:
+            raise self._deny(429, "too many connections for this user", request)
+        try:
+            banned = await factory.store.banned_everywhere(identity.user)
+        except StoreUnavailable:
+            raise ConnectionDeny(503, "Service Unavailable") from None
+        if banned:
+            raise self._deny(403, "user is banned", request)
+        # Counted from here, before the handshake finishes, so a burst can't overshoot.
+        factory.by_address[self.address] += 1
+        self.admitted = True
         self.user = identity.user
+        self.granted = identity.rooms
         self.rooms: dict[str, Deferred[int] | None] = {}
+        factory.chat.connect(self)
         if identity.expires is not None:
             delay = max(0.0, identity.expires - factory.clock.seconds())
             self._expiry = factory.clock.callLater(delay, self._token_expired)
@@ -57,6 +165,10 @@ class ChatProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self.connected = True
         self.factory.connections.add(self)
+        self._queue = deque()
+        # Whoever had the transport before (the HTTP channel) lets go of it first.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.chat.handle(self, payload, isBinary)
@@ -64,26 +176,80 @@ class ChatProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
+        if self._slow_timer is not None and self._slow_timer.active():
+            self._slow_timer.cancel()
+        self._queue = None
+        factory: ChatFactory = self.factory
+        if self.admitted:
+            self.admitted = False
+            factory.by_address[self.address] -= 1
+            if factory.by_address[self.address] <= 0:
+                del factory.by_address[self.address]
+            factory.chat.disconnect(self)
         if not self.connected:
             return
         self.connected = False
-        self.factory.connections.discard(self)
-        self.factory.chat.disconnect(self)
-        for waiter in self.factory.pop_close_waiters(self):
+        factory.connections.discard(self)
+        for waiter in factory.pop_close_waiters(self):
             waiter.callback(None)
 
     def _token_expired(self) -> None:
         self.close_with(CLOSE_TOKEN_EXPIRED, "token expired")
 
+    # -- outgoing, bounded ------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        queue = self._queue
+        if queue is None or self.state != self.STATE_OPEN:
+            return
+        if self._paused_since is None and not queue:
+            self.transport.write(data)
+            return
+        queue.append(data)
+        self._queued += len(data)
+        if self._queued > self.factory.config.max_send_buffer:
+            self._drop_slow("send buffer full")
+
+    def pauseProducing(self) -> None:
+        if self._paused_since is None:
+            clock = self.factory.clock
+            self._paused_since = clock.seconds()
+            self._slow_timer = clock.callLater(
+                self.factory.config.slow_client_timeout, self._drop_slow, "not reading"
+            )
+
+    def resumeProducing(self) -> None:
+        self._paused_since = None
+        if self._slow_timer is not None and self._slow_timer.active():
+            self._slow_timer.cancel()
+        self._slow_timer = None
+        queue = self._queue
+        while queue and self._paused_since is None:
+            data = queue.popleft()
+            self._queued -= len(data)
+            self.transport.write(data)  # may pause us again
+
+    def stopProducing(self) -> None:
+        self._queue = None
+
+    def _drop_slow(self, why: str) -> None:
+        if self._queue is None:
+            return
+        self._queue = None
+        self.factory.dropped_slow += 1
+        log.info("dropping {user} at {peer}: {why}", user=self.user, peer=self.peer, why=why)
+        # Not a close handshake: a peer that doesn't read would never finish it.
+        self.transport.abortConnection()
+
     # -- chat.Connection ------------------------------------------------------
 
     def send_frame(self, data: bytes) -> None:
         if self.connected:
-            self.sendMessage(data)
+            self._write(self.factory.prepareMessage(data).payloadHybi)
 
     def deliver(self, prepared: Any) -> None:
         if self.connected:
-            self.sendPreparedMessage(prepared)
+            self._write(prepared.payloadHybi)
 
     def close_with(self, code: int, reason: str) -> None:
         # sendClose() only takes application codes; 1001/1008 are protocol-level.
@@ -94,15 +260,23 @@ class ChatProtocol(WebSocketServerProtocol):
 class ChatFactory(WebSocketServerFactory):
     protocol = ChatProtocol
 
-    def __init__(self, config: Config, clock: IReactorTime, url: str = "ws://localhost/ws") -> None:
+    def __init__(
+        self, config: Config, clock: IReactorTime, store: Store, url: str = "ws://localhost/ws"
+    ) -> None:
         # Autobahn formats its debug lines eagerly; below info they cost CPU per frame.
         txaio.set_global_log_level("info")
         super().__init__(url)
         self.config = config
         self.clock = clock
+        self.store = store
+        self.authenticator = auth.Authenticator(config)
+        self.origins = OriginPolicy(config.allowed_origins)
+        self.proxies = ProxyPolicy(config.trusted_proxies)
         self.chat: Chat | None = None
         self.connections: set[ChatProtocol] = set()
+        self.by_address: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        self.dropped_slow = 0
         self._close_waiters: dict[ChatProtocol, list[Deferred[None]]] = {}
         # Every Autobahn default that matters is set here on purpose.
         self.setProtocolOptions(
@@ -110,7 +284,8 @@ class ChatFactory(WebSocketServerFactory):
             maxFramePayloadSize=config.max_frame_bytes,
             maxMessagePayloadSize=config.max_frame_bytes,
             failByDrop=False,  # close frames with 1009/1002/1007, not a silent TCP drop
-            allowNullOrigin=True,
+            allowNullOrigin=True,  # our OriginPolicy decides
+            openHandshakeTimeout=config.handshake_timeout,
             perMessageCompressionAccept=lambda offers: None,
         )
 

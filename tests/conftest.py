@@ -27,6 +27,11 @@ async def make_server(tmp_path: Any) -> Any:
     def make(**settings: Any) -> ChatServerService:
         settings.setdefault("listen", ("tcp:0:interface=127.0.0.1:backlog=1024",))
         settings.setdefault("database_url", f"sqlite:///{tmp_path}/chat.sqlite3")
+        # Load tests open hundreds of connections from 127.0.0.1 and send fast;
+        # the limit tests set these themselves.
+        settings.setdefault("max_connections_per_ip", 100_000)
+        settings.setdefault("rate_limit", 100_000.0)
+        settings.setdefault("rate_burst", 100_000)
         service = ChatServerService(Config(**settings), reactor, hub=hub)
         service.startService()
         service.port = service.ports()[0]

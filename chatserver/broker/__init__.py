@@ -17,10 +17,14 @@ from twisted.internet.defer import Deferred
 MessageHandler = Callable[[str, bytes], None]
 # Called after the broker had lost messages (reconnect): the core re-reads the store.
 ResyncHandler = Callable[[], None]
+# A control message (kick, ban) for every instance.
+ControlHandler = Callable[[bytes], None]
 
 
 class Broker(Protocol):
-    def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> Deferred[None]: ...
+    def start(
+        self, on_message: MessageHandler, on_resync: ResyncHandler, on_control: ControlHandler
+    ) -> Deferred[None]: ...
 
     def subscribe(self, room: str) -> Deferred[None]:
         """Fires once messages published to the room from now on will arrive."""
@@ -29,5 +33,8 @@ class Broker(Protocol):
 
     def publish(self, room: str, payload: bytes) -> None:
         """Best effort: failures are counted and logged, never raised to the sender."""
+
+    def publish_control(self, payload: bytes) -> None:
+        """To every instance, this one included; kept and sent again after an outage."""
 
     def stop(self) -> Deferred[None]: ...

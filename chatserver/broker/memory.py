@@ -10,13 +10,14 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from chatserver.broker import MessageHandler, ResyncHandler
+from chatserver.broker import ControlHandler, MessageHandler, ResyncHandler
 
 
 class MemoryHub:
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self.subscribers: dict[str, set[MemoryBroker]] = {}
+        self.brokers: set[MemoryBroker] = set()
 
     def numsub(self, room: str) -> int:
         return len(self.subscribers.get(room, ()))
@@ -26,13 +27,26 @@ class MemoryBroker:
     def __init__(self, hub: MemoryHub) -> None:
         self._hub = hub
         self._on_message: MessageHandler | None = None
+        self._on_control: ControlHandler | None = None
         self.rooms: set[str] = set()
         self.published = 0
         self.received = 0
 
-    def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> Deferred[None]:
+    def start(
+        self, on_message: MessageHandler, on_resync: ResyncHandler, on_control: ControlHandler
+    ) -> Deferred[None]:
         self._on_message = on_message
+        self._on_control = on_control
+        self._hub.brokers.add(self)
         return succeed(None)
+
+    def publish_control(self, payload: bytes) -> None:
+        for broker in tuple(self._hub.brokers):
+            self._hub.clock.callLater(0, broker._control, payload)
+
+    def _control(self, payload: bytes) -> None:
+        if self._on_control is not None:
+            self._on_control(payload)
 
     def subscribe(self, room: str) -> Deferred[None]:
         self.rooms.add(room)
@@ -62,4 +76,6 @@ class MemoryBroker:
         for room in tuple(self.rooms):
             self.unsubscribe(room)
         self._on_message = None
+        self._on_control = None
+        self._hub.brokers.discard(self)
         return succeed(None)

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatserver.broker import MessageHandler, ResyncHandler
+from chatserver.broker import ControlHandler, MessageHandler, ResyncHandler
 from chatserver.broker.redis_url import parse_redis_url
 from chatserver.config import Config
 
@@ -62,15 +62,15 @@ class _Subscriber(_HandshakeAware, txredisapi.SubscriberProtocol):
         self.factory.broker._received(channel, message)
 
     def connectionLost(self, why: Failure) -> None:
-        self.factory.broker._connection_lost("subscriber", self, why)
         super().connectionLost(why)
+        self.factory.broker._connection_lost("subscriber", self, why)
 
 
 @implementer(IHandshakeListener)
 class _Publisher(_HandshakeAware, txredisapi.RedisProtocol):
     def connectionLost(self, why: Failure) -> None:
-        self.factory.broker._connection_lost("publisher", self, why)
         super().connectionLost(why)
+        self.factory.broker._connection_lost("publisher", self, why)
 
 
 class _Factory(txredisapi.RedisFactory):
@@ -121,7 +121,9 @@ class RedisBroker:
         self._config = config
         self._reactor = reactor
         self._prefix = channel_prefix(self.address.db)
+        self._control_channel = b"chat:%d:control" % self.address.db
         self._on_message: MessageHandler | None = None
+        self._on_control: ControlHandler | None = None
         self._on_resync: ResyncHandler | None = None
         self._rooms: set[str] = set()
         self._subscriber: _Subscriber | None = None
@@ -178,9 +180,12 @@ class RedisBroker:
         self.last_error = failure.getErrorMessage()
         log.warn("redis: {error}", error=self.last_error)
 
-    def start(self, on_message: MessageHandler, on_resync: ResyncHandler) -> Deferred[None]:
+    def start(
+        self, on_message: MessageHandler, on_resync: ResyncHandler, on_control: ControlHandler
+    ) -> Deferred[None]:
         self._on_message = on_message
         self._on_resync = on_resync
+        self._on_control = on_control
         self._start_factories()
         self._keepalive.start(self._config.redis_keepalive, now=False)
         # Serving does not wait for Redis: without it, rooms still work locally.
@@ -216,6 +221,15 @@ class RedisBroker:
             and self._subscriber.connected
             and self._subscribed
             and self._live_publisher() is not None
+        )
+
+    def live_connections(self) -> int:
+        return sum(
+            1
+            for f in (self._sub_factory, self._pub_factory)
+            if f is not None
+            for conn in f.pool
+            if conn.connected
         )
 
     def when_connected(self) -> Deferred[None]:
@@ -270,7 +284,8 @@ class RedisBroker:
         self._subscribed = False
         rooms = list(self._rooms)
         # One channel per SUBSCRIBE: pipelined in one write, replies routed right.
-        pending = [proto.subscribe([self._channel(r)]) for r in rooms]
+        pending = [proto.subscribe([self._control_channel])]
+        pending += [proto.subscribe([self._channel(r)]) for r in rooms]
         if self._ever_subscribed:
             self.reconnects += 1
         log.info(
@@ -290,12 +305,16 @@ class RedisBroker:
         gatherResults(pending, consumeErrors=True).addCallbacks(subscribed, lambda _: None)
 
     def _received(self, channel: bytes, message: bytes) -> None:
+        if isinstance(message, str):
+            message = message.encode()
+        if channel == self._control_channel:
+            if self._on_control is not None:
+                self._on_control(message)
+            return
         if not channel.startswith(self._prefix) or self._on_message is None:
             return
         self.received += 1
         room = channel[len(self._prefix) :].decode()
-        if isinstance(message, str):
-            message = message.encode()
         self._on_message(room, message)
 
     def _connection_lost(self, role: str, proto: Any, why: Failure) -> None:
@@ -321,6 +340,9 @@ class RedisBroker:
 
     def publish(self, room: str, payload: bytes) -> None:
         self._publish(self._channel(room), payload)
+
+    def publish_control(self, payload: bytes) -> None:
+        self._publish(self._control_channel, payload)
 
     def _publish(self, channel: bytes, payload: bytes) -> None:
         conn = self._live_publisher()
@@ -360,6 +382,7 @@ class RedisBroker:
         if any(f.stopped and not f.disconnectCalled for f in factories) and not self._stopping:
             # txredisapi stops for good after one failed AUTH/SELECT.
             log.warn("redis: a connection gave up (failed AUTH or SELECT?); starting over")
+            self._event("restart", None)
             for f in factories:
                 f.disconnect()
             self._subscriber = None

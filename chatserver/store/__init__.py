@@ -20,6 +20,18 @@ class SchemaError(Exception):
     """The database's schema is not the one this server knows; it must not run against it."""
 
 
+EVERYWHERE = ""  # the room of a global ban
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What decides whether a user may join a room."""
+
+    private: bool
+    member: bool
+    banned: bool
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     room: str
@@ -43,6 +55,17 @@ class Store(Protocol):
     def history(
         self, room: str, before: int | None, after: int | None, limit: int
     ) -> Deferred[tuple[list[StoredMessage], bool]]: ...
+
+    def access(self, room: str, user: str) -> Deferred[Access]: ...
+
+    def banned_everywhere(self, user: str) -> Deferred[bool]: ...
+
+    def set_room(self, room: str, private: bool) -> Deferred[None]: ...
+
+    def set_member(self, room: str, user: str, member: bool) -> Deferred[None]: ...
+
+    def set_ban(self, room: str, user: str, banned: bool) -> Deferred[None]:
+        """``room`` is ``EVERYWHERE`` for a ban from every room and from connecting."""
 
     def queue_depth(self) -> int: ...
 

@@ -19,6 +19,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " body TEXT NOT NULL, ts BIGINT NOT NULL, PRIMARY KEY (room, id))",
         ],
     ),
+    (
+        2,
+        "private rooms, their members, bans (room '' = everywhere)",
+        [
+            "ALTER TABLE rooms ADD COLUMN private BOOLEAN NOT NULL DEFAULT FALSE",
+            "CREATE TABLE room_members ("
+            " room TEXT NOT NULL, username TEXT NOT NULL, PRIMARY KEY (room, username))",
+            "CREATE TABLE bans ("
+            " room TEXT NOT NULL, username TEXT NOT NULL, PRIMARY KEY (room, username))",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -19,7 +19,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatserver.store import SchemaError, StoredMessage, StoreUnavailable
+from chatserver.store import (
+    EVERYWHERE,
+    Access,
+    SchemaError,
+    StoredMessage,
+    StoreUnavailable,
+)
 from chatserver.store.schema import LATEST, MIGRATIONS
 
 Row = tuple[str, int, str, str, int]  # room, id, user, body, ts
@@ -322,6 +328,70 @@ class SQLStore:
             return [StoredMessage(room, r[0], r[1], r[2], r[3]) for r in rows], more
 
         return self._read(q)
+
+    # -- access ---------------------------------------------------------------
+
+    def access(self, room: str, user: str) -> Deferred[Access]:
+        sql = self._dialect.sql
+        private_q = sql("SELECT private FROM rooms WHERE name = %s")
+        member_q = sql("SELECT 1 FROM room_members WHERE room = %s AND username = %s")
+        ban_q = sql("SELECT 1 FROM bans WHERE room IN (%s, %s) AND username = %s")
+
+        def q(txn: Any) -> Access:
+            txn.execute(private_q, (room,))
+            row = txn.fetchone()
+            private = bool(row and row[0])
+            member = False
+            if private:
+                txn.execute(member_q, (room, user))
+                member = txn.fetchone() is not None
+            txn.execute(ban_q, (room, EVERYWHERE, user))
+            return Access(private, member, txn.fetchone() is not None)
+
+        return self._read(q)
+
+    def banned_everywhere(self, user: str) -> Deferred[bool]:
+        query = self._dialect.sql("SELECT 1 FROM bans WHERE room = %s AND username = %s")
+
+        def q(txn: Any) -> bool:
+            txn.execute(query, (EVERYWHERE, user))
+            return txn.fetchone() is not None
+
+        return self._read(q)
+
+    def _change(self, statement: str, args: tuple) -> Deferred[None]:
+        sql = self._dialect.sql(statement)
+
+        def q(txn: Any) -> None:
+            txn.execute(sql, args)
+
+        # Every change here is idempotent, so the read path's retry is safe.
+        return self._read(q)
+
+    def set_room(self, room: str, private: bool) -> Deferred[None]:
+        return self._change(
+            "INSERT INTO rooms (name, last_id, private) VALUES (%s, 0, %s)"
+            " ON CONFLICT (name) DO UPDATE SET private = excluded.private",
+            (room, private),
+        )
+
+    def set_member(self, room: str, user: str, member: bool) -> Deferred[None]:
+        if member:
+            return self._change(
+                "INSERT INTO room_members (room, username) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (room, user),
+            )
+        return self._change(
+            "DELETE FROM room_members WHERE room = %s AND username = %s", (room, user)
+        )
+
+    def set_ban(self, room: str, user: str, banned: bool) -> Deferred[None]:
+        if banned:
+            return self._change(
+                "INSERT INTO bans (room, username) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (room, user),
+            )
+        return self._change("DELETE FROM bans WHERE room = %s AND username = %s", (room, user))
 
     # -- lifecycle ------------------------------------------------------------
 
