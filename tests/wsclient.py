@@ -190,3 +190,33 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
     )
     body = await readBody(response)
     return response.code, body
+
+
+async def http_json(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    key: str | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
+    """An HTTP request with a JSON body (or raw bytes); returns (status, parsed JSON or None)."""
+    from io import BytesIO
+
+    from twisted.web.client import FileBodyProducer
+    from twisted.web.http_headers import Headers
+
+    headers = Headers({b"content-type": [b"application/json"]})
+    if key is not None:
+        headers.addRawHeader(b"authorization", f"Bearer {key}".encode())
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    producer = FileBodyProducer(BytesIO(data)) if data is not None else None
+    agent = Agent(reactor)
+    response = await agent.request(
+        method.encode(), f"http://127.0.0.1:{port}{path}".encode(), headers, producer
+    ).addTimeout(TIMEOUT, reactor)
+    text = await readBody(response)
+    try:
+        return response.code, json.loads(text)
+    except ValueError:
+        return response.code, None

@@ -1,0 +1,191 @@
+"""The admin API, private rooms, and kicks and bans that take effect on every instance."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from servers import RedisServer
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from wsclient import connect, handshake_status, http_get, http_json
+
+ensure = pytest_twisted.ensureDeferred
+KEY = "admin-key-for-tests"
+
+
+@pytest.fixture
+def redis():
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+async def two_instances(make_server, redis, **settings):
+    a = make_server(redis_url=redis.url, admin_api_key=KEY, **settings)
+    b = make_server(redis_url=redis.url, admin_api_key=KEY, **settings)
+    await gatherResults([s.broker.when_connected().addTimeout(15, reactor) for s in (a, b)])
+    return a, b
+
+
+@ensure
+async def test_admin_api_rejects_missing_and_wrong_keys(make_server):
+    server = make_server(admin_api_key=KEY)
+    body = {"room": "r"}
+    assert (await http_json(server.port, "POST", "/admin/rooms", body))[0] == 401
+    assert (await http_json(server.port, "POST", "/admin/rooms", body, key="wrong"))[0] == 401
+    status, reply = await http_json(server.port, "POST", "/admin/rooms", body, key=KEY)
+    assert status == 200 and reply == {"room": "r", "private": False}
+    # Clear 4xx errors for bad requests.
+    assert (await http_json(server.port, "POST", "/admin/rooms", key=KEY, raw=b"{nope"))[0] == 400
+    bad = await http_json(server.port, "POST", "/admin/rooms", {"room": "a b"}, key=KEY)
+    assert bad[0] == 400 and "room" in bad[1]["error"]
+    priv = await http_json(
+        server.port, "POST", "/admin/rooms", {"room": "r", "private": 1}, key=KEY
+    )
+    assert priv[0] == 400
+    assert (await http_json(server.port, "GET", "/admin/rooms", key=KEY))[0] == 405
+    assert (await http_json(server.port, "POST", "/admin/nothing", {}, key=KEY))[0] == 404
+
+
+@ensure
+async def test_no_admin_api_without_a_key(server):
+    code, _ = await http_get(server.port, "/admin/rooms")
+    assert code == 404
+
+
+@ensure
+async def test_admin_api_on_its_own_endpoint(make_server):
+    from servers import free_port
+
+    admin_port = free_port()
+    server = make_server(admin_api_key=KEY, admin_listen=(f"tcp:{admin_port}:interface=127.0.0.1",))
+    ok = await http_json(admin_port, "POST", "/admin/rooms", {"room": "r"}, key=KEY)
+    assert ok[0] == 200
+    assert (await http_json(server.port, "POST", "/admin/rooms", {"room": "r"}, key=KEY))[0] == 404
+
+
+@ensure
+async def test_private_room_needs_membership_or_a_token_claim(make_server):
+    import jwt
+
+    secret = "a-secret-that-is-long-enough-for-hs256-tokens"
+    server = make_server(admin_api_key=KEY, auth="token", jwt_secret=secret)
+    port = server.port
+    await http_json(port, "POST", "/admin/rooms", {"room": "staff", "private": True}, key=KEY)
+
+    def tok(sub, **claims):
+        return f"token={jwt.encode({'sub': sub, **claims}, secret, algorithm='HS256')}"
+
+    alice = await connect(port, query=tok("alice"))
+    refused = await alice.request({"type": "join", "room": "staff"})
+    assert refused["type"] == "error" and refused["code"] == "forbidden"
+    # Frames for a room never joined stay not_member.
+    assert (await alice.request({"type": "history", "room": "staff"}))["code"] == "not_member"
+    await http_json(port, "POST", "/admin/rooms/staff/members", {"user": "alice"}, key=KEY)
+    await alice.join("staff")
+    bob = await connect(port, query=tok("bob", rooms=["staff"]))
+    await bob.join("staff")
+    # Public rooms stay open to everyone.
+    await bob.join("lobby")
+    # Taking membership away ends it at once.
+    status, _ = await http_json(port, "DELETE", "/admin/rooms/staff/members/alice", key=KEY)
+    assert status == 200
+    kicked = await alice.recv()
+    assert kicked == {"type": "kicked", "room": "staff", "reason": "removed"}
+    assert (await alice.request({"type": "join", "room": "staff"}))["code"] == "forbidden"
+
+
+@ensure
+async def test_server_message_through_the_admin_api(make_server):
+    server = make_server(admin_api_key=KEY)
+    a = await connect(server.port)
+    await a.join("news")
+    status, reply = await http_json(
+        server.port, "POST", "/admin/rooms/news/messages", {"body": "maintenance at 5"}, key=KEY
+    )
+    assert status == 200 and reply["id"] == 1 and reply["user"] == "system"
+    got = await a.expect("message")
+    assert got["body"] == "maintenance at 5" and got["user"] == "system" and got["id"] == 1
+    too_long = {"body": "x" * 5000}
+    assert (await http_json(server.port, "POST", "/admin/rooms/news/messages", too_long, key=KEY))[
+        0
+    ] == 413
+    empty = {"body": ""}
+    assert (await http_json(server.port, "POST", "/admin/rooms/news/messages", empty, key=KEY))[
+        0
+    ] == 400
+
+
+@ensure
+async def test_kick_on_another_instance_ends_delivery_within_a_second(make_server, redis):
+    a, b = await two_instances(make_server, redis)
+    mallory = await connect(b.port, "mallory")
+    alice = await connect(a.port, "alice")
+    await mallory.join("r")
+    await mallory.join("other")
+    await alice.join("r")
+    await alice.join("other")
+    await alice.request({"type": "send", "room": "r", "body": "before"})
+    assert (await mallory.expect("message"))["body"] == "before"
+
+    # The admin call lands on A; Mallory is connected to B.
+    status, _ = await http_json(a.port, "POST", "/admin/rooms/r/kick", {"user": "mallory"}, key=KEY)
+    assert status == 200
+    kicked = await mallory.recv(timeout=1.0)
+    assert kicked == {"type": "kicked", "room": "r", "reason": "kicked"}
+    for i in range(5):
+        await alice.request({"type": "send", "room": "r", "body": f"after {i}"})
+    await alice.request({"type": "send", "room": "other", "body": "still here"})
+    got = await mallory.expect("message")
+    assert got["room"] == "other" and got["body"] == "still here"
+    assert await mallory.drain_to_pong() == []
+    assert (await mallory.request({"type": "send", "room": "r", "body": "x"}))[
+        "code"
+    ] == "not_member"
+    # A kick is not a ban: rejoining a public room works.
+    await mallory.join("r")
+
+
+@ensure
+async def test_room_ban_and_global_ban_across_instances(make_server, redis):
+    a, b = await two_instances(make_server, redis)
+    mallory = await connect(b.port, "mallory")
+    alice = await connect(a.port, "alice")
+    for client in (mallory, alice):
+        await client.join("r")
+        await client.join("s")
+    status, _ = await http_json(
+        a.port, "POST", "/admin/bans", {"user": "mallory", "room": "r"}, key=KEY
+    )
+    assert status == 200
+    assert await mallory.recv(timeout=1.0) == {"type": "kicked", "room": "r", "reason": "banned"}
+    await alice.request({"type": "send", "room": "r", "body": "not for mallory"})
+    assert await mallory.drain_to_pong() == []
+    assert (await mallory.request({"type": "join", "room": "r"}))["code"] == "forbidden"
+    await mallory.join("s")  # only that room
+
+    status, _ = await http_json(a.port, "POST", "/admin/bans", {"user": "mallory"}, key=KEY)
+    assert status == 200
+    assert await mallory.wait_closed(timeout=1.0) == 4003
+    assert await handshake_status(b.port, query="user=mallory") == 403
+    assert await handshake_status(a.port, query="user=mallory") == 403
+    # Lifting the ban lets them back in.
+    assert (await http_json(a.port, "DELETE", "/admin/bans/mallory", key=KEY))[0] == 200
+    assert await handshake_status(b.port, query="user=mallory") == 101
+    lifted = await http_json(a.port, "DELETE", "/admin/bans/mallory?room=r", key=KEY)
+    assert lifted[0] == 200
+    back = await connect(b.port, "mallory")
+    await back.join("r")
+
+
+@ensure
+async def test_kick_works_with_the_memory_broker(make_server):
+    server = make_server(admin_api_key=KEY)
+    m = await connect(server.port, "mallory")
+    await m.join("r")
+    await http_json(server.port, "POST", "/admin/rooms/r/kick", {"user": "mallory"}, key=KEY)
+    assert (await m.recv(timeout=1.0))["type"] == "kicked"
+    assert await m.drain_to_pong() == []
