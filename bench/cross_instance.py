@@ -3,22 +3,25 @@
 Every message takes the scale-out path: stored by A, acked, published to Redis,
 received by B's subscriber and fanned out to B's local members. The script
 starts everything it needs (Redis, optionally Postgres, both servers and a
-load generator in its own process), measures, prints a markdown table and
-kills what it started, even on errors.
+load generator in two processes of its own: members, senders), measures,
+prints a markdown table and kills what it started, even on errors.
 
     python bench/cross_instance.py [--store sqlite|postgres] [--rooms 10]
         [--members 100] [--rate 2000] [--seconds 10]
 
 Servers are pinned to CPU 0 and the generator to CPU 1 (``taskset``) when
 possible, so the generator's CPU figure shows whether it, and not the server,
-was the bottleneck.
+was the bottleneck. Redis and Postgres are not pinned. The servers get a few
+CHATSERVER_* limits raised (see SERVER_ENV); the caller's environment wins.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import math
 import os
 import re
 import resource
@@ -62,7 +65,7 @@ def percentile(sorted_values: Any, p: float) -> float:
     """Nearest-rank percentile of an already sorted sequence (nan when empty)."""
     if not sorted_values:
         return float("nan")
-    k = max(0, min(len(sorted_values) - 1, round(p / 100.0 * len(sorted_values) + 0.5) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(p / 100.0 * len(sorted_values)) - 1))
     return float(sorted_values[k])
 
 
@@ -100,6 +103,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_times() -> dict[str, tuple[float, float]]:
+    """(busy, total) jiffies per CPU from /proc/stat: is a core saturated, whoever used it?"""
+    times = {}
+    with open("/proc/stat") as fh:
+        for line in fh:
+            name, *values = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            ticks = [int(v) for v in values[:8]]  # guest time is already in user
+            idle = ticks[3] + ticks[4]  # idle + iowait
+            times[name] = (sum(ticks) - idle, sum(ticks))
+    return times
+
+
 def raise_fd_limit(needed: int) -> None:
     """Each connection is a descriptor in the generator and in server B."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -108,7 +125,12 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-# -- load generator (separate process, Twisted + Autobahn) -------------------------
+# -- load generator (separate processes, Twisted + Autobahn) -----------------------
+#
+# Two processes, both on CPU 1: one holds the members (B), one the senders (A).
+# In one process a reactor iteration that reads a backlog from a thousand member
+# sockets (64 KiB each) stalls the pacing timer for seconds, and the senders then
+# fire in bursts: the generator would shape the load it is meant to measure.
 
 
 def emit(event: str, **data: Any) -> None:
@@ -117,29 +139,31 @@ def emit(event: str, **data: Any) -> None:
 
 
 class Stats:
-    """Counters shared by every connection of the generator."""
+    """Counters shared by every connection of one generator process."""
 
     def __init__(self) -> None:
-        self.phase = "setup"  # setup, warmup, measure, drain
-        self.sent = 0  # all sends, warmup included
+        self.phase = "setup"  # setup, warmup, measure, drain, done
+        self.sent = 0  # all sends, warm-up included
         self.window_sent = 0
-        self.window_first_seq: int | None = None
+        self.window_first_seq = 0
         self.window_last_seq = -1
+        self.pacing_lag = 0.0  # worst delay of a send behind its schedule
         self.acks = 0
         self.window_acks = 0
         self.ack_sent_at: dict[int, float] = {}
         self.ack_latency = array("d")
         self.received = 0  # deliveries of window messages
         self.latency = array("d")
-        self.arrivals_in_window = 0  # any delivery arriving during the window
+        self.arrivals = 0  # every delivery
+        self.arrivals_in_window = 0  # deliveries arriving during the window
         # Deliveries per second since the first send: shows backlog, stalls, recovery.
         self.timeline: list[int] = []
         self.t0 = 0.0
+        self.window_start = self.window_end = float("inf")
         self.duplicates = 0  # id at or below the last one a member saw
         self.gaps = 0  # ids skipped by a member
         self.errors: Counter[str] = Counter()
         self.closed_during_run: Counter[str] = Counter()
-        self.sender_messages = 0
 
 
 class Peer:
@@ -172,32 +196,9 @@ class Peer:
         """Hot path: cheap prefix checks first, JSON only where needed."""
         stats = self.stats
         if payload.startswith(b'{"type":"message"'):
-            if self.sender:
-                stats.sender_messages += 1
-                return
-            now = time.time()
-            msg = json.loads(payload)
-            if stats.phase == "measure":
-                stats.arrivals_in_window += 1
-            second = int(now - stats.t0)
-            timeline = stats.timeline
-            while len(timeline) <= second:
-                timeline.append(0)
-            timeline[second] += 1
-            mid = msg["id"]
-            last = self.last_id
-            if last is not None:
-                if mid <= last:
-                    stats.duplicates += 1
-                    return
-                if mid != last + 1:
-                    stats.gaps += mid - last - 1
-            self.last_id = mid
-            sent_at, window, _ = msg["body"].split("|")
-            if window == "1":
-                stats.received += 1
-                stats.latency.append(now - float(sent_at))
-            return
+            if not self.sender:
+                self.message(payload, stats)
+            return  # a sender is a member of its room too; its copies are not counted
         msg = json.loads(payload)
         kind = msg.get("type")
         if kind == "ack":
@@ -205,9 +206,7 @@ class Peer:
             ref = msg.get("ref")
             stats.acks += 1
             sent_at = stats.ack_sent_at.pop(ref, None)
-            if stats.window_first_seq is not None and (
-                stats.window_first_seq <= ref <= stats.window_last_seq
-            ):
+            if stats.window_first_seq <= ref <= stats.window_last_seq:
                 stats.window_acks += 1
                 if sent_at is not None:
                     stats.ack_latency.append(now - sent_at)
@@ -220,21 +219,61 @@ class Peer:
             if msg.get("ref") == 0 and self.ready is not None and not self.ready.called:
                 self.ready.errback(RuntimeError(f"{self.user}: join failed: {msg}"))
 
+    def message(self, payload: bytes, stats: Stats) -> None:
+        """A delivery: order check, then latency if it was sent in the window."""
+        now = time.time()
+        msg = json.loads(payload)
+        stats.arrivals += 1
+        if stats.window_start <= now < stats.window_end:
+            stats.arrivals_in_window += 1
+        second = int(now - stats.t0) if stats.t0 else 0
+        timeline = stats.timeline
+        while len(timeline) <= second:
+            timeline.append(0)
+        timeline[second] += 1
+        mid = msg["id"]
+        last = self.last_id
+        if last is not None:
+            if mid <= last:
+                stats.duplicates += 1
+                return
+            if mid != last + 1:
+                stats.gaps += mid - last - 1
+        self.last_id = mid
+        sent_at, window, _ = msg["body"].split("|")
+        if window == "1":
+            stats.received += 1
+            stats.latency.append(now - float(sent_at))
 
-def run_generator(spec: dict[str, Any]) -> None:
-    """The generator process: connect, pace sends, measure, drain, report on stdout."""
+
+def cpu_now() -> float:
+    """This process's user + system CPU seconds."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_generator(role: str, spec: dict[str, Any]) -> None:
+    """A generator process ('members' or 'senders'): connect, run, report on stdout.
+
+    The parent relays the senders' start time and final count to the members
+    process on its stdin, so both measure the same window.
+    """
     from autobahn.twisted.websocket import (
         WebSocketClientFactory,
         WebSocketClientProtocol,
         connectWS,
     )
-    from twisted.internet import reactor
+    from twisted.internet import reactor, stdio
     from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
     from twisted.internet.task import LoopingCall
+    from twisted.protocols.basic import LineReceiver
 
     rooms, members, rate = spec["rooms"], spec["members"], float(spec["rate"])
     seconds = float(spec["seconds"])
     stats = Stats()
+    result: dict[str, Any] = {"role": role}
+    rusage: dict[str, float] = {}
+    t: dict[str, float] = {}
 
     class Client(WebSocketClientProtocol):
         """Forwards to its Peer; the protocol object itself keeps no state."""
@@ -266,132 +305,193 @@ def run_generator(spec: dict[str, Any]) -> None:
         connectWS(factory, timeout=CONNECT_TIMEOUT / 2)
         return peer.ready
 
-    room_names = [f"bench{r}" for r in range(rooms)]
-    member_peers = [
-        Peer(stats, name, f"m{r}_{i}", sender=False)
-        for r, name in enumerate(room_names)
-        for i in range(members)
-    ]
-    sender_peers = [Peer(stats, name, f"s{r}", sender=True) for r, name in enumerate(room_names)]
-    result: dict[str, Any] = {}
-    t: dict[str, float] = {}
-    rusage: dict[str, float] = {}
-
-    def cpu_now() -> float:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        return ru.ru_utime + ru.ru_stime
-
-    def fail(failure: Any) -> None:
-        result["error"] = failure.getErrorMessage()
-        finish()
+    names = [f"bench{r}" for r in range(rooms)]
+    if role == "members":
+        peers = [
+            Peer(stats, name, f"m{r}_{i}", sender=False)
+            for r, name in enumerate(names)
+            for i in range(members)
+        ]
+    else:
+        peers = [Peer(stats, name, f"s{r}", sender=True) for r, name in enumerate(names)]
 
     def finish() -> None:
+        if stats.phase == "done":
+            return
         stats.phase = "done"
         if "error" not in result:
-            lat = sorted(stats.latency)
-            ack = sorted(stats.ack_latency)
             result.update(
-                sent=stats.window_sent,
-                sent_total=stats.sent,
-                acks=stats.window_acks,
-                expected=stats.window_sent * members,
-                received=stats.received,
-                duplicates=stats.duplicates,
-                gaps=stats.gaps,
-                window=t["end"] - t["measure"],
-                arrivals_in_window=stats.arrivals_in_window,
-                timeline=stats.timeline,
-                drain=t["drained"] - t["end"],
-                latency_ms={p: percentile(lat, p) * 1000 for p in (50, 90, 99, 100)},
-                ack_latency_ms={p: percentile(ack, p) * 1000 for p in (50, 99)},
-                generator_cpu=(rusage["end"] - rusage["measure"]) / (t["end"] - t["measure"]),
+                cpu=(rusage["end"] - rusage["measure"]) / (t["end"] - t["measure"]),
                 errors=dict(stats.errors),
                 closed_during_run=dict(stats.closed_during_run),
-                sender_messages=stats.sender_messages,
+                drain=t["drained"] - t["end"],
             )
+            if role == "members":
+                lat = sorted(stats.latency)
+                result.update(
+                    received=stats.received,
+                    duplicates=stats.duplicates,
+                    gaps=stats.gaps,
+                    arrivals_in_window=stats.arrivals_in_window,
+                    timeline=stats.timeline,
+                    latency_ms={p: percentile(lat, p) * 1000 for p in (50, 90, 99, 100)},
+                )
+            else:
+                ack = sorted(stats.ack_latency)
+                result.update(
+                    sent=stats.window_sent,
+                    acks=stats.window_acks,
+                    window=t["end"] - t["measure"],
+                    pacing_lag_ms=stats.pacing_lag * 1000,
+                    ack_latency_ms={p: percentile(ack, p) * 1000 for p in (50, 99)},
+                )
         emit("result", **result)
-        if reactor.running:
+        # Close handshakes, so the servers log clean closes, then stop (bounded).
+        for peer in peers:
+            if peer.proto is not None:
+                peer.proto.sendClose(code=1000)
+        reactor.callLater(0.1, stop_when_closed, time.time() + 2.0)
+
+    def stop_when_closed(give_up_at: float) -> None:
+        if any(p.proto is not None for p in peers) and time.time() < give_up_at:
+            reactor.callLater(0.1, stop_when_closed, give_up_at)
+        elif reactor.running:
             reactor.stop()
 
-    def send_one() -> None:
+    def fail(failure: Any) -> None:
+        result["error"] = f"{role}: {failure.getErrorMessage()}"
+        finish()
+
+    def measure_start(now: float) -> None:
+        stats.phase = "measure"
+        rusage["measure"], t["measure"] = cpu_now(), now
+
+    def measure_end(now: float) -> None:
+        stats.phase = "drain"
+        rusage["end"], t["end"] = cpu_now(), now
+
+    # Drain: stop when everything expected is in, or nothing moved for a while.
+    progress: dict[str, Any] = {"value": -1, "at": 0.0, "expected": None}
+
+    def check_drain() -> None:
+        now = time.time()
+        if role == "members":
+            done = stats.received >= progress["expected"]
+            value = stats.arrivals  # warm-up deliveries count too: B may still be on them
+        else:
+            done = stats.window_acks >= stats.window_sent
+            value = stats.acks
+        if value != progress["value"]:
+            progress.update(value=value, at=now)
+        if done:
+            result["drain_end"] = "everything arrived"
+        elif now - progress["at"] > DRAIN_IDLE:
+            result["drain_end"] = f"stalled: nothing arrived for {DRAIN_IDLE:g}s"
+        elif now - t["end"] > spec["drain"]:
+            result["drain_end"] = f"--drain limit of {spec['drain']:g}s reached while arriving"
+        else:
+            return
+        drain_check.stop()
+        t["drained"] = now
+        finish()
+
+    drain_check = LoopingCall(check_drain)
+
+    # -- senders: open-loop pacing; message k is due at start + k / rate ------------
+    first_window = round(WARMUP * rate)
+    end_index = round((WARMUP + seconds) * rate)
+    stats.window_first_seq, stats.window_last_seq = first_window, end_index - 1
+
+    def send_one(now: float) -> None:
         seq = stats.sent
-        peer = sender_peers[seq % rooms]
         stats.sent += 1
+        stats.pacing_lag = max(stats.pacing_lag, now - (t["start"] + seq / rate))
+        window = "1" if seq >= first_window else "0"
+        if window == "1":
+            stats.window_sent += 1
+        peer = peers[seq % rooms]
         if peer.proto is None:
             stats.errors["sender gone"] += 1
             return
-        now = time.time()
-        window = "1" if stats.phase == "measure" else "0"
-        if window == "1":
-            stats.window_sent += 1
-            if stats.window_first_seq is None:
-                stats.window_first_seq = seq
-            stats.window_last_seq = seq
         stats.ack_sent_at[seq] = now
         body = f"{now!r}|{window}|{seq}"
         frame = {"type": "send", "room": peer.room, "body": body, "ref": seq}
         peer.proto.sendMessage(json.dumps(frame).encode())
 
     def tick() -> None:
-        """Open-loop pacing: send what the schedule says is due by now, however late."""
+        """Send what the schedule says is due by now, however late the timer fired."""
         now = time.time()
-        if stats.phase == "warmup" and now >= t["measure"]:
-            stats.phase = "measure"
-            rusage["measure"] = cpu_now()
+        if stats.phase == "warmup" and now >= t["measure_at"]:
+            measure_start(now)
             emit("measure_start")
-        elif stats.phase == "measure" and now >= t["end"]:
-            rusage["end"] = cpu_now()
-            emit("measure_end")
-            stats.phase = "drain"
+        due = min(int((now - t["start"]) * rate) + 1, end_index)
+        while stats.sent < due:
+            send_one(now)
+        if stats.phase == "measure" and now >= t["end_at"]:
             pacer.stop()
+            measure_end(now)
+            emit("measure_end", sent=stats.window_sent)
             drain_check.start(0.1)
-            return
-        due = int((now - t["start"]) * rate) - stats.sent
-        for _ in range(max(0, due)):
-            send_one()
-
-    progress = {"value": -1, "at": 0.0}
-
-    def check_drain() -> None:
-        """Stop when every expected delivery and ack is in, or nothing moves any more."""
-        now = time.time()
-        done = stats.received >= stats.window_sent * members and stats.window_acks >= (
-            stats.window_sent
-        )
-        # Any delivery counts as progress: a lagging B may still be on warm-up messages.
-        value = sum(stats.timeline) + stats.window_acks
-        if value != progress["value"]:
-            progress.update(value=value, at=now)
-        idle = now - progress["at"] > DRAIN_IDLE
-        if done or idle or now - t["end"] > spec["drain"]:
-            drain_check.stop()
-            t["drained"] = now
-            finish()
 
     pacer = LoopingCall(tick)
-    drain_check = LoopingCall(check_drain)
 
-    def start_load(_: Any) -> None:
-        emit("connected", connections=len(member_peers) + len(sender_peers))
+    def start_sending() -> None:
         now = time.time()
-        t.update(start=now, measure=now + WARMUP, end=now + WARMUP + seconds)
-        stats.t0 = now
+        t.update(start=now, measure_at=now + WARMUP, end_at=now + WARMUP + seconds)
         stats.phase = "warmup"
+        emit("start", t=now)
         pacer.start(TICK)
 
-    async def setup() -> None:
-        # Members first, so B has subscribed every room before the first send.
-        sem = DeferredSemaphore(CONNECT_CONCURRENCY)
-        await gatherResults(
-            [sem.run(connect, p, spec["port_b"]) for p in member_peers], consumeErrors=True
-        )
-        await gatherResults([connect(p, spec["port_a"]) for p in sender_peers], consumeErrors=True)
+    # -- members: phases come from the parent ---------------------------------------
+    def edge(what: Any) -> None:
+        what(time.time())
+        maybe_drain()
 
-    d = Deferred.fromCoroutine(setup())
-    d.addCallbacks(start_load, fail)
+    def maybe_drain() -> None:
+        """Members drain once their window is over and the senders' count is known."""
+        ready = "end" in t and progress["expected"] is not None
+        if ready and not drain_check.running:
+            drain_check.start(0.1)
+
+    class Control(LineReceiver):
+        """Commands from the parent on stdin; its end means the parent is gone."""
+
+        delimiter = b"\n"
+
+        def lineReceived(self, line: bytes) -> None:
+            cmd = json.loads(line)
+            if cmd["cmd"] == "start":
+                # The window's edges follow from the senders' start: timers, not relayed
+                # commands, which a busy reactor would read late.
+                stats.t0, stats.phase = cmd["t"], "warmup"
+                stats.window_start = stats.t0 + WARMUP
+                stats.window_end = stats.window_start + seconds
+                now = time.time()
+                reactor.callLater(max(0.0, stats.window_start - now), edge, measure_start)
+                reactor.callLater(max(0.0, stats.window_end - now), edge, measure_end)
+            elif cmd["cmd"] == "measure_end":
+                progress["expected"] = cmd["sent"] * members
+                maybe_drain()
+
+        def connectionLost(self, reason: Any = None) -> None:
+            if stats.phase != "done":
+                result["error"] = f"{role}: parent closed stdin in phase {stats.phase}"
+                finish()
+
+    async def setup() -> None:
+        sem = DeferredSemaphore(CONNECT_CONCURRENCY)
+        port = spec["port_b"] if role == "members" else spec["port_a"]
+        await gatherResults([sem.run(connect, p, port) for p in peers], consumeErrors=True)
+        emit("connected", connections=len(peers))
+        if role == "members":
+            stdio.StandardIO(Control())
+        else:
+            start_sending()
+
+    Deferred.fromCoroutine(setup()).addErrback(fail)
 
     def deadline() -> None:
-        result["error"] = f"generator deadline reached in phase {stats.phase}"
+        result["error"] = f"{role}: deadline reached in phase {stats.phase}"
         finish()
 
     reactor.callLater(spec["deadline"], deadline)
@@ -493,37 +593,80 @@ class Instance:
         return [f"{n} x {first[s]}" for s, n in counts.most_common(15)]
 
 
-def read_events(
-    proc: subprocess.Popen[str], deadline: float, on_event: dict[str, Any]
-) -> dict[str, Any]:
-    """Read the generator's event lines until 'result', calling hooks as events arrive."""
-    assert proc.stdout is not None
-    buffer = ""
-    while True:
+class Generator:
+    """One generator subprocess: its event lines out, commands in (members only)."""
+
+    def __init__(self, role: str, spec: dict[str, Any], pin: bool, log: Path) -> None:
+        self.role = role
+        self.log = log
+        self._buffer = b""
+        self.events: set[str] = set()
+        self.result: dict[str, Any] | None = None
+        argv = [sys.executable, str(Path(__file__).resolve()), "--_generator", role]
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                pinned([*argv, json.dumps(spec)], 1, pin),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.PIPE,
+                start_new_session=True,
+            )
+
+    def command(self, cmd: str, **data: Any) -> None:
+        """A line on the generator's stdin (the members process follows the senders)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **data}).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def fileno(self) -> int:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.fileno()
+
+    def read_events(self) -> list[dict[str, Any]]:
+        """Whatever complete lines are available now (call when select says readable)."""
+        chunk = os.read(self.fileno(), 65536)
+        if not chunk:
+            raise RuntimeError(f"{self.role} generator ended (exit {self.proc.wait(5)})")
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        events = [json.loads(line) for line in lines if line.strip()]
+        for event in events:
+            self.events.add(event.get("event"))
+            if event.get("event") == "result":
+                self.result = event
+                if "error" in event:
+                    raise RuntimeError(f"load generator failed: {event['error']}")
+        return events
+
+    def stop(self) -> None:
+        """Let a generator that reported exit by itself; kill it otherwise."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        if self.result is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def log_tail(self) -> str:
+        """Its stderr, for failures."""
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def pump(gens: list[Generator], deadline: float, until: Any, on_event: Any = None) -> None:
+    """Read events from the generators until ``until()`` holds, with a hard deadline."""
+    while not until():
         left = deadline - time.monotonic()
         if left <= 0:
             raise RuntimeError("load generator did not finish in time")
-        ready, _, _ = select.select([proc.stdout], [], [], min(left, 1.0))
-        if not ready:
-            if proc.poll() is not None:
-                raise RuntimeError(f"load generator exited with {proc.returncode}")
-            continue
-        chunk = os.read(proc.stdout.fileno(), 65536).decode(errors="replace")
-        if not chunk:
-            raise RuntimeError(f"load generator closed its output (exit {proc.wait(5)})")
-        buffer += chunk
-        while "\n" in buffer:
-            line, buffer = buffer.split("\n", 1)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                print(f"generator: {line}", file=sys.stderr)
-                continue
-            hook = on_event.get(event.get("event"))
-            if hook is not None:
-                hook(event)
-            if event.get("event") == "result":
-                return event
+        live = [g for g in gens if g.result is None]
+        ready, _, _ = select.select(live, [], [], min(left, 1.0))
+        for gen in ready:
+            for event in gen.read_events():
+                if on_event is not None:
+                    on_event(gen.role, event)
 
 
 def fmt_ms(value: float) -> str:
@@ -531,48 +674,128 @@ def fmt_ms(value: float) -> str:
     return "-" if value != value else f"{value:.1f}"
 
 
+def bottleneck(generator: float, server_cpu: dict[str, float], pin: bool) -> str:
+    """Say which side ran out of CPU, so a result is not blamed on the wrong process."""
+    notes = []
+    if generator >= 0.9:
+        notes.append(f"the generator was CPU-bound ({generator * 100:.0f}%): numbers understate")
+    both = server_cpu["A"] + server_cpu["B"]
+    cpu0 = server_cpu.get("cpu0", 0.0)
+    if pin and max(both, cpu0) >= 0.9:
+        notes.append(
+            f"CPU 0, the servers' core, was saturated (A+B = {both * 100:.0f}%,"
+            f" busy {cpu0 * 100:.0f}% counting Redis/Postgres when they ran there)"
+        )
+    elif max(server_cpu["A"], server_cpu["B"]) >= 0.9:
+        notes.append("a server used a whole core")
+    return "bottleneck: " + ("; ".join(notes) if notes else "none hit (CPU below 90% everywhere)")
+
+
 def report(
     args: argparse.Namespace,
-    res: dict[str, Any],
+    m: dict[str, Any],
+    sd: dict[str, Any],
     server_cpu: dict[str, float],
     pin: bool,
 ) -> str:
     """The markdown table the brief asks for, plus context lines."""
-    lat = {int(float(k)): v for k, v in res["latency_ms"].items()}
-    ack = {int(float(k)): v for k, v in res["ack_latency_ms"].items()}
-    window = res["window"]
-    lost = res["expected"] - res["received"]
+    lat = {int(float(k)): v for k, v in m["latency_ms"].items()}
+    ack = {int(float(k)): v for k, v in sd["ack_latency_ms"].items()}
+    window = sd["window"]
+    expected = sd["sent"] * args.members
+    lost = expected - m["received"]
+    generator_cpu = m["cpu"] + sd["cpu"]
+    errors = Counter(m["errors"]) + Counter(sd["errors"])
+    closed = Counter(m["closed_during_run"]) + Counter(sd["closed_during_run"])
     rows = [
-        ("messages sent (window)", f"{res['sent']} ({res['sent'] / window:.0f}/s)"),
-        ("acks", str(res["acks"])),
-        ("deliveries expected (sent x M)", str(res["expected"])),
-        ("deliveries received", str(res["received"])),
-        ("lost", f"{lost} ({(lost / res['expected'] * 100) if res['expected'] else 0:.2f}%)"),
-        ("deliveries/s (arriving in window)", f"{res['arrivals_in_window'] / window:.0f}"),
+        ("messages sent", f"{sd['sent']} ({sd['sent'] / window:.0f}/s)"),
+        ("acks", str(sd["acks"])),
+        ("deliveries expected (sent x M)", str(expected)),
+        ("deliveries received", str(m["received"])),
+        ("lost", f"{lost} ({(lost / expected * 100) if expected else 0:.2f}%)"),
+        ("deliveries/s (arriving in the window)", f"{m['arrivals_in_window'] / window:.0f}"),
         (
             "latency p50 / p90 / p99 / max (ms)",
             " / ".join(fmt_ms(lat[p]) for p in (50, 90, 99, 100)),
         ),
         ("ack latency p50 / p99 (ms)", " / ".join(fmt_ms(ack[p]) for p in (50, 99))),
-        ("generator CPU (% of one core)", f"{res['generator_cpu'] * 100:.0f}%"),
+        ("sender pacing: worst lag behind schedule (ms)", f"{sd['pacing_lag_ms']:.1f}"),
+        (
+            "generator CPU (% of one core)",
+            f"{generator_cpu * 100:.0f}% (members {m['cpu'] * 100:.0f}%"
+            f" + senders {sd['cpu'] * 100:.0f}%)",
+        ),
         ("server A CPU (senders)", f"{server_cpu['A'] * 100:.0f}%"),
         ("server B CPU (members)", f"{server_cpu['B'] * 100:.0f}%"),
-        ("duplicates / gaps seen by members", f"{res['duplicates']} / {res['gaps']}"),
-        ("error frames", json.dumps(res["errors"]) if res["errors"] else "0"),
         (
-            "connections closed during run",
-            json.dumps(res["closed_during_run"]) if res["closed_during_run"] else "0",
+            "CPU 0 / CPU 1 busy, all processes",
+            " / ".join(
+                f"{server_cpu[c] * 100:.0f}%" if c in server_cpu else "-" for c in ("cpu0", "cpu1")
+            ),
         ),
+        ("duplicates / gaps seen by members", f"{m['duplicates']} / {m['gaps']}"),
+        ("error frames", json.dumps(dict(errors)) if errors else "0"),
+        ("connections closed during run", json.dumps(dict(closed)) if closed else "0"),
     ]
+    pinning = "servers CPU 0, generator CPU 1 (taskset)" if pin else "none"
     head = (
-        f"store={args.store} rooms={args.rooms} members={args.members} rate={args.rate}/s "
-        f"seconds={args.seconds} (window {window:.2f}s, drain {res['drain']:.2f}s); "
-        f"pinning: {'servers CPU 0, generator CPU 1 (taskset)' if pin else 'none'}"
+        f"store={args.store} rooms={args.rooms} members={args.members} rate={args.rate:g}/s "
+        f"window={window:.2f}s; pinning: {pinning}\n"
+        f"members' drain: {m['drain']:.2f}s, ended: {m['drain_end']}"
     )
     lines = [head, "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    timeline = " ".join(str(n) for n in res["timeline"])
+    timeline = " ".join(str(n) for n in m["timeline"])
     lines += ["", f"deliveries per second from the first send (warm-up {WARMUP:g}s): {timeline}"]
+    lines.append(bottleneck(generator_cpu, server_cpu, pin))
+    return "\n".join(lines)
+
+
+def cleanup(
+    gens: list[Generator],
+    instances: list[Instance],
+    backends: list[Any],
+    root: Path,
+    keep: bool,
+    ok: bool,
+) -> str:
+    """Stop all we started, each step on its own so that one failure leaks nothing else.
+
+    Output is returned, not printed: a closed stdout must not cut cleanup short.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    lines: list[str] = []
+    for gen in gens:
+        try:
+            gen.stop()
+        except Exception as e:
+            lines.append(f"stopping the {gen.role} generator failed: {e!r}")
+    for inst in instances:
+        try:
+            code: Any = inst.stop()
+        except Exception as e:
+            code = f"stop failed: {e!r}"
+            if inst.proc is not None:
+                with contextlib.suppress(OSError):
+                    inst.proc.kill()
+        notable = inst.notable_log_lines()
+        if notable or code not in (0, None):
+            lines.append(f"\nserver {inst.name} log (exit {code}), warnings/errors by count:")
+            lines += [f"  {line}" for line in notable]
+        elif ok:
+            lines.append(f"server {inst.name}: no warnings or errors in its log (exit {code})")
+    for backend in backends:
+        if backend is None:
+            continue
+        try:
+            backend.close()
+        except Exception as e:
+            lines.append(f"closing {type(backend).__name__} failed: {e!r}")
+    if keep:
+        lines.append(f"kept working files in {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     return "\n".join(lines)
 
 
@@ -588,7 +811,7 @@ def run(args: argparse.Namespace) -> int:
     redis: Any = None
     pg: Any = None
     instances: list[Instance] = []
-    generator: subprocess.Popen[str] | None = None
+    gens: list[Generator] = []
     ok = False
     try:
         redis = servers.RedisServer()
@@ -597,17 +820,21 @@ def run(args: argparse.Namespace) -> int:
             pg = servers.PostgresServer()
             pg.start()
             database_url = pg.create_database("chatbench")
-            subprocess.run(
+            migrate = subprocess.run(
                 [venv_tool("chatserver-admin"), "migrate", "--database-url", database_url],
-                check=True,
                 capture_output=True,
+                text=True,
                 timeout=60,
+                check=False,
             )
+            if migrate.returncode != 0:
+                raise RuntimeError(f"chatserver-admin migrate failed:\n{migrate.stderr}")
         else:
             # One file for both, so B's gap fills and join last_id see A's writes.
             database_url = f"sqlite:///{root / 'chat.sqlite3'}"
 
-        env = {**os.environ, **SERVER_ENV}
+        # The caller's CHATSERVER_* variables win, so any setting can be tried.
+        env = {**SERVER_ENV, **os.environ}
         for name in ("A", "B"):
             inst = Instance(name, root / name, servers.free_port())
             argv = [
@@ -639,74 +866,61 @@ def run(args: argparse.Namespace) -> int:
             "drain": args.drain,
             "deadline": budget,
         }
-        gen_log = root / "generator.log"
-        with open(gen_log, "wb") as err:
-            generator = subprocess.Popen(
-                pinned(
-                    [
-                        sys.executable,
-                        str(Path(__file__).resolve()),
-                        "--_generator",
-                        json.dumps(spec),
-                    ],
-                    1,
-                    pin,
-                ),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                start_new_session=True,
-            )
-        samples: dict[str, dict[str, float]] = {}
+        samples: dict[str, dict[str, Any]] = {}
+        health: dict[str, str] = {}
 
-        def sample(key: str) -> Any:
-            def hook(_: dict[str, Any]) -> None:
-                samples[key] = {"t": time.monotonic(), "A": a.cpu(), "B": b.cpu()}
+        def sample(key: str) -> None:
+            samples[key] = {"t": time.monotonic(), "A": a.cpu(), "B": b.cpu(), "cpus": cpu_times()}
 
-            return hook
+        deadline = time.monotonic() + budget + 10
+        members = Generator("members", spec, pin, root / "members.log")
+        gens.append(members)
+        senders: Generator | None = None
+
+        def relay(role: str, event: dict[str, Any]) -> None:
+            """Server CPU is sampled, and the members told, as the senders change phase."""
+            kind = event.get("event")
+            if role != "senders" or kind not in ("start", "measure_start", "measure_end"):
+                return
+            if kind != "start":
+                sample(kind)
+            if kind == "measure_start":
+                health.update((inst.name, inst.health()) for inst in instances)
+            if kind != "measure_start":
+                members.command(kind, **{k: v for k, v in event.items() if k != "event"})
 
         try:
-            res = read_events(
-                generator,
-                time.monotonic() + budget + 10,
-                {"measure_start": sample("start"), "measure_end": sample("end")},
-            )
-        except RuntimeError:
-            print(f"generator log:\n{gen_log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+            # Members first, so B has subscribed every room before the first send.
+            pump(gens, deadline, lambda: "connected" in members.events)
+            senders = Generator("senders", spec, pin, root / "senders.log")
+            gens.append(senders)
+            pump(gens, deadline, lambda: all(g.result is not None for g in gens), relay)
+        except (RuntimeError, ValueError):
+            for gen in gens:
+                print(f"{gen.role} generator stderr:\n{gen.log_tail()}", file=sys.stderr)
             raise
-        if "error" in res:
-            raise RuntimeError(f"load generator failed: {res['error']}")
-        wall = samples["end"]["t"] - samples["start"]["t"]
-        server_cpu = {n: (samples["end"][n] - samples["start"][n]) / wall for n in ("A", "B")}
-        print(report(args, res, server_cpu, pin))
+        m, sd = members.result, senders.result
+        assert m is not None and sd is not None
+        wall = samples["measure_end"]["t"] - samples["measure_start"]["t"]
+        first, last = samples["measure_start"], samples["measure_end"]
+        server_cpu = {n: (last[n] - first[n]) / wall for n in ("A", "B")}
+        for cpu in ("cpu0", "cpu1"):
+            if cpu in first["cpus"] and cpu in last["cpus"]:
+                busy = last["cpus"][cpu][0] - first["cpus"][cpu][0]
+                total = last["cpus"][cpu][1] - first["cpus"][cpu][1]
+                server_cpu[cpu] = busy / total if total else float("nan")
+        print(report(args, m, sd, server_cpu, pin))
         print()
-        print(f"server overrides: {' '.join(f'{k}={v}' for k, v in SERVER_ENV.items())}")
-        for inst in instances:
-            print(f"server {inst.name} /healthz after run: {inst.health()}")
+        settings = sorted(f"{k}={v}" for k, v in env.items() if k.startswith("CHATSERVER_"))
+        print(f"server settings from the environment: {' '.join(settings)}")
+        for name, text in health.items():
+            print(f"server {name} /healthz as the window began: {text}")
         ok = True
         return 0
     finally:
-        if generator is not None and generator.poll() is None:
-            generator.kill()
-            generator.wait(timeout=10)
-        for inst in instances:
-            code = inst.stop()
-            notable = inst.notable_log_lines()
-            if notable or (code not in (0, None)):
-                print(f"\nserver {inst.name} log (exit {code}), warnings/errors by count:")
-                for line in notable:
-                    print(f"  {line}")
-            elif ok:
-                print(f"server {inst.name}: no warnings or errors in its log (exit {code})")
-        if pg is not None:
-            pg.close()
-        if redis is not None:
-            redis.close()
-        if args.keep:
-            print(f"kept working files in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        notes = cleanup(gens, instances, [pg, redis], root, args.keep, ok)
+        with contextlib.suppress(OSError):  # e.g. stdout piped into head
+            print(notes, flush=True)
 
 
 def main() -> int:
@@ -721,10 +935,11 @@ def main() -> int:
         "--drain", type=float, default=10, help="most seconds to wait for stragglers"
     )
     parser.add_argument("--keep", action="store_true", help="keep logs and databases")
-    parser.add_argument("--_generator", help=argparse.SUPPRESS)
+    parser.add_argument("--_generator", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._generator:
-        run_generator(json.loads(args._generator))
+        role, spec = args._generator
+        run_generator(role, json.loads(spec))
         return 0
     if min(args.rooms, args.members) < 1 or min(args.rate, args.seconds, args.drain) <= 0:
         parser.error("rooms, members, rate, seconds and drain must be positive")

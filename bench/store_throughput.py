@@ -238,7 +238,7 @@ def report(results: list[Result], machine: str, args: argparse.Namespace) -> str
         f"outstanding; seconds = first append to last ack."
     )
     if any(r.capped for r in results):
-        lines.append(f"* stopped sending after the {args.max_seconds:g}s cap per run.")
+        lines.append(f"Rows marked * stopped sending at the {args.max_seconds:g}s cap per run.")
     lines.append(machine)
     return "\n".join(lines)
 

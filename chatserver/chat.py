@@ -72,7 +72,9 @@ class Chat:
         self.errors: Counter[str] = Counter()
         self.frames = 0
         self.sends = 0
+        self.joins = 0
         self.kicks = 0
+        self.policy_closes = 0
 
     # -- entry points from the transport ---------------------------------------
 
@@ -107,6 +109,7 @@ class Chat:
             pass
         self._error(conn, wire.RATE_LIMITED, "too many frames; slow down", ref)
         if conn.strikes >= self._config.rate_limit_strikes:
+            self.policy_closes += 1
             conn.close_with(CLOSE_POLICY, "rate limit exceeded")
 
     def handle(self, conn: Connection, payload: bytes, is_binary: bool) -> None:
@@ -121,6 +124,7 @@ class Chat:
             if e.code in (wire.BAD_FRAME, wire.BAD_REQUEST):
                 conn.bad_frames += 1
                 if conn.bad_frames >= self._config.max_bad_frames:
+                    self.policy_closes += 1
                     conn.close_with(CLOSE_POLICY, "too many invalid frames")
             return
         if isinstance(frame, wire.Send):
@@ -264,6 +268,7 @@ class Chat:
                 )
             return result
         conn.rooms[room] = None
+        self.joins += 1
         conn.send_frame(wire.reply("joined", frame.ref, room=room, last_id=result or None))
         return result
 

@@ -73,6 +73,18 @@ class Config:
     rate_limit_strikes: int = _setting(
         20, "Rate-limited frames in a row before the connection is closed with 1008."
     )
+    ping_interval: float = _setting(
+        30.0, "Seconds between WebSocket pings to each client (under proxies' idle timeouts)."
+    )
+    ping_timeout: float = _setting(
+        20.0, "Seconds a client has to answer a ping before it is dropped."
+    )
+    drain_seconds: float = _setting(
+        10.0, "On shutdown, WebSockets are closed (1001) spread over this many seconds."
+    )
+    metrics_listen: tuple[str, ...] = _setting(
+        (), "Endpoints that serve /metrics; empty = the main port serves it."
+    )
     max_send_buffer: int = _setting(
         1048576, "Bytes queued for a client that does not read before it is dropped."
     )
@@ -149,6 +161,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "rate_limit_strikes": (1, 1_000_000),
     "max_send_buffer": (1024, 1 << 34),
     "slow_client_timeout": (0.1, 3600),
+    "ping_interval": (0, 86400),
+    "ping_timeout": (0.1, 3600),
+    "drain_seconds": (0, 3600),
     "redis_keepalive": (0.05, 3600),
     "redis_timeout": (0.05, 600),
     "redis_republish_max": (0, 10_000_000),

@@ -21,12 +21,14 @@ from chatserver.admin_api import AdminAPI
 from chatserver.broker.memory import MemoryBroker, MemoryHub
 from chatserver.chat import Chat
 from chatserver.config import Config
+from chatserver.metrics import MetricsResource
 from chatserver.rooms import RoomRegistry
 from chatserver.store.open import open_store, prepare
-from chatserver.web import JSONResource, Root, StaticPage, UpgradeResource
+from chatserver.web import AsyncJSONResource, JSONResource, Root, StaticPage, UpgradeResource
 from chatserver.websocket import CLOSE_GOING_AWAY, ChatFactory
 
 CLOSE_TIMEOUT = 5.0
+READY_TIMEOUT = 2.0
 
 
 class ListenService(Service):
@@ -80,6 +82,7 @@ class ChatServerService(MultiService):
         self.config = config
         self.reactor = reactor
         self._broker_started = False
+        self.draining = False
         prepare(config)
         self.store = open_store(config, reactor)
         self.broker = self._make_broker(hub)
@@ -92,25 +95,30 @@ class ChatServerService(MultiService):
         children: dict[bytes, Any] = {
             b"ws": UpgradeResource(self.factory),
             b"healthz": JSONResource(self.health),
+            b"readyz": AsyncJSONResource(self.readiness),
         }
+        metrics = MetricsResource(self)
+        side_sites: list[tuple[str, Site]] = []
+        if config.metrics_listen:
+            metrics_site = _site(Root({b"metrics": metrics}, None))
+            side_sites += [(desc, metrics_site) for desc in config.metrics_listen]
+        else:
+            children[b"metrics"] = metrics
         self.admin = AdminAPI(config, self.store, self.chat) if config.admin_api_key else None
-        admin_sites = []
         if self.admin is not None:
             if config.admin_listen:
-                admin_sites = [
-                    (desc, _site(Root({b"admin": self.admin}, None)))
-                    for desc in config.admin_listen
-                ]
+                admin_site = _site(Root({b"admin": self.admin}, None))
+                side_sites += [(desc, admin_site) for desc in config.admin_listen]
             else:
                 children[b"admin"] = self.admin
         self.site = _site(Root(children, StaticPage("index.html", b"text/html; charset=utf-8")))
         self.listeners = [
             ListenService(desc, parse_endpoint(reactor, desc), self.site) for desc in config.listen
         ]
-        self.admin_listeners = [
-            ListenService(desc, parse_endpoint(reactor, desc), site) for desc, site in admin_sites
+        self.side_listeners = [
+            ListenService(desc, parse_endpoint(reactor, desc), site) for desc, site in side_sites
         ]
-        for listener in self.listeners + self.admin_listeners:
+        for listener in self.listeners + self.side_listeners:
             listener.setServiceParent(self)
 
     def _make_broker(self, hub: MemoryHub | None) -> Any:
@@ -127,6 +135,21 @@ class ChatServerService(MultiService):
             "rooms": len(self.registry.rooms),
             "store_queue": self.store.queue_depth(),
         }
+
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
+        """For load balancers: serving, and both backends answer."""
+        problems = []
+        if self.draining:
+            problems.append("draining")
+        if not self.broker.connected:
+            problems.append("broker unreachable")
+        try:
+            await self.store.ping().addTimeout(READY_TIMEOUT, self.reactor)
+        except Exception:
+            problems.append("database unreachable")
+        if problems:
+            return 503, {"ready": False, "problems": problems}
+        return 200, {"ready": True}
 
     def ports(self) -> list[int]:
         return [lst.port.getHost().port for lst in self.listeners if lst.port is not None]
@@ -157,8 +180,16 @@ class ChatServerService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self.draining = True
         await super().stopService()  # listeners stop accepting
-        await self.factory.close_all(CLOSE_GOING_AWAY, "server shutting down", CLOSE_TIMEOUT)
+        count = len(self.factory.connections)
+        spread = self.config.drain_seconds if count > 1 else 0.0
+        self.log.info(
+            "draining: closing {count} connections over {spread:.0f}s", count=count, spread=spread
+        )
+        await self.factory.close_all(
+            CLOSE_GOING_AWAY, "server shutting down", CLOSE_TIMEOUT, spread
+        )
         await self.broker.stop()
         try:
             await self.store.close()

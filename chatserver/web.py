@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import Deferred
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 
 class UpgradeResource(WebSocketResource):
@@ -39,6 +40,28 @@ class JSONResource(Resource):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode() + b"\n"
+
+
+class AsyncJSONResource(Resource):
+    """Like JSONResource, for a status that needs I/O (readiness asks the database)."""
+
+    isLeaf = True
+
+    def __init__(self, status: Callable[[], Awaitable[tuple[int, dict[str, Any]]]]) -> None:
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request: Request) -> int:
+        async def respond() -> None:
+            code, body = await self._status()
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(json.dumps(body).encode() + b"\n")
+            request.finish()
+
+        Deferred.fromCoroutine(respond())
+        return NOT_DONE_YET
 
 
 class StaticPage(Resource):

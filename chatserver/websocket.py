@@ -99,6 +99,7 @@ class ChatProtocol(WebSocketServerProtocol):
     user = ""
     address = ""
     admitted = False  # counted against the per-user and per-address limits
+    opened_at = 0.0
     connected = False
     bad_frames = 0
     granted: frozenset[str] = frozenset()
@@ -164,6 +165,8 @@ class ChatProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.connected = True
+        self.opened_at = self.factory.clock.seconds()
+        log.info("connection open: {user} from {address}", user=self.user, address=self.address)
         self.factory.connections.add(self)
         self._queue = deque()
         # Whoever had the transport before (the HTTP channel) lets go of it first.
@@ -190,6 +193,17 @@ class ChatProtocol(WebSocketServerProtocol):
             return
         self.connected = False
         factory.connections.discard(self)
+        if reason and "ping timeout" in reason:
+            factory.ping_timeouts += 1
+        # Our own close code when we closed (1001, 1008, 4001, ...), else the peer's.
+        log.info(
+            "connection closed: {user} from {address} after {duration:.1f}s, {code} {reason}",
+            user=self.user,
+            address=self.address,
+            duration=factory.clock.seconds() - self.opened_at,
+            code=self.localCloseCode if self.closedByMe and self.localCloseCode else code,
+            reason=reason or "",
+        )
         for waiter in factory.pop_close_waiters(self):
             waiter.callback(None)
 
@@ -277,6 +291,7 @@ class ChatFactory(WebSocketServerFactory):
         self.by_address: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.dropped_slow = 0
+        self.ping_timeouts = 0
         self._close_waiters: dict[ChatProtocol, list[Deferred[None]]] = {}
         # Every Autobahn default that matters is set here on purpose.
         self.setProtocolOptions(
@@ -286,21 +301,33 @@ class ChatFactory(WebSocketServerFactory):
             failByDrop=False,  # close frames with 1009/1002/1007, not a silent TCP drop
             allowNullOrigin=True,  # our OriginPolicy decides
             openHandshakeTimeout=config.handshake_timeout,
+            autoPingInterval=config.ping_interval,
+            autoPingTimeout=config.ping_timeout,
             perMessageCompressionAccept=lambda offers: None,
         )
 
     def pop_close_waiters(self, proto: ChatProtocol) -> list[Deferred[None]]:
         return self._close_waiters.pop(proto, [])
 
-    def close_all(self, code: int, reason: str, timeout: float) -> Deferred[Any]:
-        """Close every open connection; fires when all have closed or ``timeout`` passed."""
+    def close_all(
+        self, code: int, reason: str, timeout: float, spread: float = 0.0
+    ) -> Deferred[Any]:
+        """Close every connection, spread evenly over ``spread`` seconds so that
+        clients don't all reconnect in the same instant; fires when all have
+        closed, or ``spread + timeout`` seconds have passed."""
         waits = []
-        for proto in list(self.connections):
+        protos = list(self.connections)
+        step = spread / len(protos) if protos else 0.0
+        for i, proto in enumerate(protos):
             d: Deferred[None] = Deferred()
             self._close_waiters.setdefault(proto, []).append(d)
-            proto.close_with(code, reason)
+            if step:
+                self.clock.callLater(i * step, proto.close_with, code, reason)
+            else:
+                proto.close_with(code, reason)
             waits.append(d)
         done = DeferredList(waits, consumeErrors=True)
+        timeout += spread
 
         def abort_rest(_: Any) -> None:
             for proto in list(self.connections):

@@ -32,6 +32,7 @@ async def make_server(tmp_path: Any) -> Any:
         settings.setdefault("max_connections_per_ip", 100_000)
         settings.setdefault("rate_limit", 100_000.0)
         settings.setdefault("rate_burst", 100_000)
+        settings.setdefault("drain_seconds", 0.0)
         service = ChatServerService(Config(**settings), reactor, hub=hub)
         service.startService()
         service.port = service.ports()[0]

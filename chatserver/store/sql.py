@@ -141,6 +141,7 @@ class SQLStore:
         self._busy_rooms: dict[str, int] = {}  # room -> its messages in flight
         self._idle_waiters: list[Deferred[None]] = []
         self._closed = False
+        self.busy = 0  # interactions handed to the pool and not finished
         # Counters for metrics.
         self.batches = 0
         self.stored = 0
@@ -205,7 +206,7 @@ class SQLStore:
     def _write(self, batch: list[_Pending], attempts_left: int) -> None:
         ts = int(self._clock.seconds() * 1000)
         entries = [(p.room, p.user, p.body) for p in batch]
-        d = self._pool.runInteraction(self._write_batch, entries, ts)
+        d = self._interaction(self._write_batch, entries, ts)
         d.addCallbacks(
             self._written,
             self._write_failed,
@@ -286,14 +287,36 @@ class SQLStore:
 
         def retry(failure: Failure, attempts_left: int) -> Any:
             if failure.check(_BeforeCommit) and attempts_left > 1:
-                return self._pool.runInteraction(run).addErrback(retry, attempts_left - 1)
+                return self._interaction(run).addErrback(retry, attempts_left - 1)
             if failure.check(_BeforeCommit, *self._dialect.database_errors):
                 cause = failure.value.cause if failure.check(_BeforeCommit) else failure.value
                 self.log.warn("store read failed: {error}", error=repr(cause))
                 raise StoreUnavailable("storage is unavailable; try again")
             return failure
 
-        return self._pool.runInteraction(run).addErrback(retry, self._pool.max + 1)
+        return self._interaction(run).addErrback(retry, self._pool.max + 1)
+
+    def _interaction(self, func: Callable[..., Any], *args: Any) -> Deferred:
+        self.busy += 1
+
+        def done(result: Any) -> Any:
+            self.busy -= 1
+            return result
+
+        return self._pool.runInteraction(func, *args).addBoth(done)
+
+    @property
+    def pool_size(self) -> int:
+        return self._pool.max
+
+    def ping(self) -> Deferred[None]:
+        """A trivial query: readiness means the database answers now."""
+
+        def q(txn: Any) -> None:
+            txn.execute("SELECT 1")
+            txn.fetchall()
+
+        return self._read(q)
 
     def last_id(self, room: str) -> Deferred[int | None]:
         def q(txn: Any) -> int | None:

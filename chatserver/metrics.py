@@ -1,0 +1,156 @@
+"""Prometheus metrics, read from the server's own counters at scrape time.
+
+Nothing is counted twice and nothing costs anything per message beyond the
+plain integer increments the components already do: this collector turns them
+into metric families only when /metrics is fetched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from chatserver import wire
+
+PREFIX = "chatserver_"
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+
+class ServerCollector:
+    def __init__(self, server: Any) -> None:
+        self._server = server
+
+    def describe(self) -> list[Metric]:
+        return []  # collected lazily; no fixed description
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._server
+        chat, factory, registry, store, broker = (
+            s.chat,
+            s.factory,
+            s.registry,
+            s.store,
+            s.broker,
+        )
+        yield _gauge("connections", "Open WebSocket connections.", len(factory.connections))
+        yield _gauge("rooms_hosted", "Rooms with local members.", len(registry.rooms))
+        yield _counter("joins", "Rooms joined.", chat.joins)
+        yield _counter("frames_received", "Frames received from clients.", chat.frames)
+        yield _counter("messages_received", "send frames accepted for storage.", chat.sends)
+        yield _counter("messages_stored", "Messages committed to the store.", store.stored)
+        yield _counter(
+            "messages_delivered", "Message frames written to local members.", registry.delivered
+        )
+        yield _counter(
+            "gap_fills", "Times missing ids were read from the store.", registry.gap_fills
+        )
+        errors = CounterMetricFamily(
+            PREFIX + "errors", "Error frames sent to clients, by code.", labels=["code"]
+        )
+        for code in (
+            wire.BAD_FRAME,
+            wire.BAD_REQUEST,
+            wire.NOT_MEMBER,
+            wire.FORBIDDEN,
+            wire.RATE_LIMITED,
+            wire.TOO_LARGE,
+            wire.UNAVAILABLE,
+        ):
+            errors.add_metric([code], chat.errors[code])
+        yield errors
+        yield _counter(
+            "rate_limited",
+            "Frames refused by the per-connection rate limit.",
+            chat.errors[wire.RATE_LIMITED],
+        )
+        dropped = CounterMetricFamily(
+            PREFIX + "clients_dropped",
+            "Connections the server dropped, by reason.",
+            labels=["reason"],
+        )
+        dropped.add_metric(["slow"], factory.dropped_slow)
+        dropped.add_metric(["policy"], chat.policy_closes)
+        dropped.add_metric(["ping_timeout"], factory.ping_timeouts)
+        yield dropped
+        yield _counter(
+            "kicks", "Connections removed from a room or closed by kick or ban.", chat.kicks
+        )
+        rejected = CounterMetricFamily(
+            PREFIX + "handshake_rejections",
+            "Refused opening handshakes, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(factory.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield _gauge("store_queue_depth", "Messages waiting to be stored.", store.queue_depth())
+        yield _counter("store_batches", "Write transactions committed.", store.batches)
+        yield _gauge(
+            "store_last_batch_size", "Messages in the last committed batch.", store.last_batch_size
+        )
+        yield _counter("store_failed", "Messages that could not be stored.", store.failed)
+        yield _counter(
+            "store_rejected", "Sends refused because the store queue was full.", store.rejected
+        )
+        yield _gauge("db_pool_size", "Database connections in the pool.", store.pool_size)
+        yield _gauge(
+            "db_pool_in_use",
+            "Pool connections busy with an interaction.",
+            min(store.busy, store.pool_size),
+        )
+        yield _gauge(
+            "db_interactions_waiting",
+            "Interactions waiting for a pool connection.",
+            max(0, store.busy - store.pool_size),
+        )
+        yield _counter("broker_published", "Messages published to the broker.", broker.published)
+        yield _counter(
+            "broker_received", "Room messages received from the broker.", broker.received
+        )
+        yield _counter(
+            "redis_reconnects", "Redis subscriber reconnections.", getattr(broker, "reconnects", 0)
+        )
+        yield _counter(
+            "redis_publish_failures",
+            "Publishes that found Redis unreachable (kept to retry).",
+            getattr(broker, "publish_failures", 0),
+        )
+        yield _gauge(
+            "redis_subscribed_rooms",
+            "Room channels this instance subscribes to.",
+            getattr(broker, "subscribed_rooms", len(getattr(broker, "rooms", ()))),
+        )
+        admin = getattr(s, "admin", None)
+        if admin is not None:
+            requests = CounterMetricFamily(
+                PREFIX + "admin_requests", "Admin API requests, by status.", labels=["status"]
+            )
+            for status, count in sorted(admin.requests.items()):
+                requests.add_metric([str(status)], count)
+            yield requests
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, server: Any) -> None:
+        super().__init__()
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(ServerCollector(server))
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._registry)
