@@ -315,3 +315,24 @@ async def test_store_queue_bound_fails_fast_with_unavailable(pg_url):
     assert outcomes == [True, True, True, False, False]
     assert all(r.check(StoreUnavailable) for ok, r in results if not ok)
     await store.close()
+
+
+@ensure
+async def test_two_stores_many_rooms_ids_gap_free_per_room(pg_url):
+    """Batches spanning many rooms reserve every room's ids in one statement, in one order."""
+    config = Config(database_url=pg_url, db_pool_size=3, store_batch_max=50)
+    stores = [open_store(config, reactor), open_store(config, reactor)]
+    rooms = [f"r{i}" for i in range(25)]
+    n = 2000
+    results = await gatherResults(
+        [stores[i % 2].append(rooms[(i * 7) % 25], f"w{i % 2}", f"m{i}") for i in range(n)]
+    )
+    by_room: dict[str, list[int]] = {}
+    for m in results:
+        by_room.setdefault(m.room, []).append(m.id)
+    assert sorted(by_room) == sorted(rooms)
+    for ids in by_room.values():
+        assert sorted(ids) == list(range(1, len(ids) + 1))
+    assert any(s.batches < n / 2 for s in stores), "nothing was batched"
+    for s in stores:
+        await s.close()

@@ -50,6 +50,23 @@ class Dialect:
             rows,
         )
 
+    def reserve_ids(self, cursor: Any, counts: dict[str, int]) -> dict[str, int]:
+        """Advance each room's counter by its count; return each room's new last id.
+
+        The row lock taken here is held to commit, which serialises a room's
+        writers: ids are handed out in commit order, with no gaps. Rooms go in a
+        fixed order so two writers never wait on each other in a cycle.
+        """
+        upsert = self.sql(
+            "INSERT INTO rooms (name, last_id) VALUES (%s, %s) ON CONFLICT (name)"
+            " DO UPDATE SET last_id = rooms.last_id + excluded.last_id RETURNING last_id"
+        )
+        last = {}
+        for room in sorted(counts):
+            cursor.execute(upsert, (room, counts[room]))
+            last[room] = cursor.fetchone()[0]
+        return last
+
     def lock_schema(self, cursor: Any) -> None:
         """Keep two servers from migrating at once (Postgres locks; SQLite has one writer)."""
 
@@ -136,9 +153,11 @@ class SQLStore:
         self._queue_max = queue_max
         self._batch_max = batch_max
         self._writers = writers
-        self._queue: deque[_Pending] = deque()
+        # Waiting messages per room, rooms in the order they started waiting.
+        self._rooms: dict[str, deque[_Pending]] = {}
+        self._waiting = 0
         self._in_flight = 0
-        self._busy_rooms: dict[str, int] = {}  # room -> its messages in flight
+        self._busy_rooms: set[str] = set()  # rooms with a batch in flight
         self._idle_waiters: list[Deferred[None]] = []
         self._closed = False
         self.busy = 0  # interactions handed to the pool and not finished
@@ -154,19 +173,23 @@ class SQLStore:
     def append(self, room: str, user: str, body: str) -> Deferred[StoredMessage]:
         if self._closed:
             return fail(StoreUnavailable("server is shutting down"))
-        if len(self._queue) >= self._queue_max:
+        if self._waiting >= self._queue_max:
             self.rejected += 1
             return fail(StoreUnavailable("storage is behind; try again shortly"))
         d: Deferred[StoredMessage] = Deferred()
-        self._queue.append(_Pending(room, user, body, d))
+        waiting = self._rooms.get(room)
+        if waiting is None:
+            waiting = self._rooms[room] = deque()
+        waiting.append(_Pending(room, user, body, d))
+        self._waiting += 1
         self._kick()
         return d
 
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._waiting
 
     def _kick(self) -> None:
-        while self._queue and self._in_flight < self._writers:
+        while self._waiting and self._in_flight < self._writers:
             batch = self._take_batch()
             if not batch:
                 return
@@ -174,34 +197,34 @@ class SQLStore:
             self._write(batch, attempts_left=self._pool.max + 1)
 
     def _take_batch(self) -> list[_Pending]:
-        """The oldest waiting messages whose rooms have no batch in flight.
+        """Waiting messages of rooms with no batch in flight, oldest rooms first.
 
         A room is in at most one transaction at a time, so its messages get ids
         in the order they were queued: one sender's messages keep their order.
+        Messages wait in per-room queues, so a hot room that is busy costs one
+        skip here, not a rescan of everything queued behind it.
         """
         busy = self._busy_rooms
-        if not busy:
-            n = min(self._batch_max, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(n)]
-        else:
-            batch, kept = [], deque()
-            while self._queue and len(batch) < self._batch_max:
-                p = self._queue.popleft()
-                (kept if p.room in busy else batch).append(p)
-            kept.extend(self._queue)
-            self._queue = kept
-        for p in batch:
-            busy[p.room] = busy.get(p.room, 0) + 1
+        batch: list[_Pending] = []
+        emptied = []
+        for room, waiting in self._rooms.items():
+            if room in busy:
+                continue
+            take = min(len(waiting), self._batch_max - len(batch))
+            batch.extend(waiting.popleft() for _ in range(take))
+            busy.add(room)
+            if not waiting:
+                emptied.append(room)
+            if len(batch) >= self._batch_max:
+                break
+        for room in emptied:
+            del self._rooms[room]
+        self._waiting -= len(batch)
         return batch
 
     def _release(self, batch: list[_Pending]) -> None:
-        busy = self._busy_rooms
         for p in batch:
-            left = busy[p.room] - 1
-            if left:
-                busy[p.room] = left
-            else:
-                del busy[p.room]
+            self._busy_rooms.discard(p.room)
 
     def _write(self, batch: list[_Pending], attempts_left: int) -> None:
         ts = int(self._clock.seconds() * 1000)
@@ -219,17 +242,9 @@ class SQLStore:
         counts: dict[str, int] = {}
         for room, _, _ in entries:
             counts[room] = counts.get(room, 0) + 1
-        next_id: dict[str, int] = {}
-        upsert = self._dialect.sql(
-            "INSERT INTO rooms (name, last_id) VALUES (%s, %s) ON CONFLICT (name)"
-            " DO UPDATE SET last_id = rooms.last_id + excluded.last_id RETURNING last_id"
-        )
         try:
-            # Rooms in a fixed order, so two writers never wait on each other in a cycle.
-            for room in sorted(counts):
-                txn.execute(upsert, (room, counts[room]))
-                last = txn.fetchone()[0]
-                next_id[room] = last - counts[room] + 1
+            last = self._dialect.reserve_ids(txn, counts)
+            next_id = {room: last[room] - n + 1 for room, n in counts.items()}
             ids = []
             rows: list[Row] = []
             for room, user, body in entries:
@@ -271,7 +286,7 @@ class SQLStore:
 
     def _after_write(self) -> None:
         self._kick()
-        if not self._queue and not self._in_flight:
+        if not self._waiting and not self._in_flight:
             waiters, self._idle_waiters = self._idle_waiters, []
             for w in waiters:
                 w.callback(None)
@@ -421,7 +436,7 @@ class SQLStore:
     def flush(self) -> Deferred[None]:
         """Fires once every queued message has been written (or has failed)."""
         d: Deferred[None] = Deferred()
-        if not self._queue and not self._in_flight:
+        if not self._waiting and not self._in_flight:
             d.callback(None)
         else:
             self._idle_waiters.append(d)

@@ -1,0 +1,112 @@
+"""The group-commit scheduler, driven by a pool whose transactions finish when told.
+
+Pure logic: which messages go into which transaction. The real databases are
+exercised in test_postgres.py and test_chat.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from chatserver.store.sql import Dialect, SQLStore
+
+
+class HeldPool:
+    """Records each batch; its transaction commits only when the test says so."""
+
+    def __init__(self, size: int) -> None:
+        self.max = size
+        self.held: list[tuple[list[tuple[str, str, str]], Deferred]] = []
+        self.last: dict[str, int] = {}
+
+    def runInteraction(self, func: Any, entries: list, ts: int) -> Deferred:
+        d: Deferred = Deferred()
+        self.held.append((entries, d))
+        return d
+
+    def commit(self, index: int = 0) -> list[tuple[str, str, str]]:
+        entries, d = self.held.pop(index)
+        ids = []
+        for room, _, _ in entries:
+            self.last[room] = self.last.get(room, 0) + 1
+            ids.append(self.last[room])
+        d.callback(ids)
+        return entries
+
+    def rooms_in_flight(self) -> list[set[str]]:
+        return [{room for room, _, _ in entries} for entries, _ in self.held]
+
+
+def store(pool: HeldPool, batch_max: int = 100, queue_max: int = 10_000) -> SQLStore:
+    return SQLStore(
+        pool,  # type: ignore[arg-type]
+        Dialect(),
+        Clock(),
+        queue_max=queue_max,
+        batch_max=batch_max,
+        writers=pool.max,
+    )
+
+
+def test_a_busy_hot_room_does_not_hold_back_other_rooms():
+    pool = HeldPool(size=2)
+    s = store(pool, batch_max=5)
+    s.append("hot", "u", "h0")  # first writer takes it alone
+    for i in range(1, 50):
+        s.append("hot", "u", f"h{i}")
+    s.append("quiet", "u", "q0")
+    # The second writer skips the busy hot room and takes the quiet one.
+    assert pool.rooms_in_flight() == [{"hot"}, {"quiet"}]
+    assert s.queue_depth() == 49
+
+
+def test_a_room_is_never_in_two_transactions_and_keeps_its_order():
+    pool = HeldPool(size=4)
+    s = store(pool, batch_max=3)
+    acked: dict[str, list[int]] = {}
+    for i in range(40):
+        room = "abc"[i % 3] if i % 4 else "hot"
+        s.append(room, "u", f"{room}{i}").addCallback(
+            lambda m: acked.setdefault(m.room, []).append(m.id)
+        )
+    sent: dict[str, list[str]] = {}
+    while pool.held:
+        flights = pool.rooms_in_flight()
+        for a in range(len(flights)):
+            for b in range(a + 1, len(flights)):
+                assert not flights[a] & flights[b], "a room is in two transactions"
+        for room, _, body in pool.commit(len(pool.held) - 1):
+            sent.setdefault(room, []).append(body)
+    assert s.queue_depth() == 0
+    for room, bodies in sent.items():
+        assert bodies == sorted(bodies, key=lambda b: int(b[len(room) :]))
+        assert acked[room] == list(range(1, len(bodies) + 1))
+    assert sum(len(b) for b in sent.values()) == 40
+
+
+def test_rooms_are_served_oldest_first_and_a_batch_spans_rooms():
+    pool = HeldPool(size=1)
+    s = store(pool, batch_max=4)
+    s.append("first", "u", "x")  # in flight alone
+    for room in ("b", "c", "b", "d", "e", "c"):
+        s.append(room, "u", "y")
+    pool.commit()
+    entries, _ = pool.held[0]
+    assert [room for room, _, _ in entries] == ["b", "b", "c", "c"]
+    pool.commit()
+    assert [room for room, _, _ in pool.held[0][0]] == ["d", "e"]
+
+
+def test_the_queue_bound_counts_every_room():
+    pool = HeldPool(size=1)
+    s = store(pool, batch_max=10, queue_max=3)
+    results = []
+    for room in ("a", "b", "c", "d", "e"):
+        s.append(room, "u", "m").addErrback(lambda f: f.value).addCallback(results.append)
+    # "a" is in flight, three wait; the fifth is refused at once.
+    assert s.queue_depth() == 3
+    assert type(results[-1]).__name__ == "StoreUnavailable"
+    assert s.rejected == 1
