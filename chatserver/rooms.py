@@ -219,7 +219,8 @@ class RoomRegistry:
         try:
             while self.rooms.get(room.name) is room:
                 target = max(room.buffer, default=None)
-                messages, more = await self._store.history(room.name, None, room.last_id, FILL_PAGE)
+                start = room.last_id
+                messages, more = await self._store.history(room.name, None, start, FILL_PAGE)
                 if self.rooms.get(room.name) is not room:
                     return
                 for m in messages:
@@ -227,7 +228,11 @@ class RoomRegistry:
                         self._deliver(
                             room, m.id, wire.encode_message(m.room, m.id, m.user, m.body, m.ts)
                         )
-                if not more or target is None or room.last_id >= target:
+                # Page on to the end of the store (a resync has no target), unless
+                # what was buffered is reached or a page made no progress.
+                if not more or room.last_id == start:
+                    break
+                if target is not None and room.last_id >= target:
                     break
         except Exception as e:
             self.log.warn("filling a gap in room {room} failed: {error}", room=room.name, error=e)

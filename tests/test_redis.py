@@ -182,6 +182,30 @@ async def test_redis_killed_and_restarted_flow_resumes_without_reconnecting(make
 
 
 @ensure
+async def test_a_long_outage_is_filled_from_the_store_page_by_page(make_server, redis):
+    """No republish: only the store can bring B's member what it missed, over many pages."""
+    a, b = instances(make_server, redis.url, 2, redis_republish_max=0)
+    await ready(a, b)
+    ca = await connect(a.port, "alice")
+    cb = await connect(b.port, "bob")
+    await ca.join("r")
+    await cb.join("r")
+    redis.kill()
+    await all_lost(a)
+    await all_lost(b)
+    n = 250  # more than two pages of a store fill
+    for i in range(n):
+        ack = await ca.request({"type": "send", "room": "r", "body": f"during {i}"})
+        assert ack["type"] == "ack", ack
+    back = b.broker.when_connected()
+    redis.restart()
+    await back.addTimeout(30, reactor)
+    missed = await messages(cb, n)
+    assert [m["id"] for m in missed] == list(range(1, n + 1))
+    assert await cb.drain_to_pong() == []
+
+
+@ensure
 async def test_idle_timeout_never_surfaces(make_server, redis):
     redis.command("CONFIG", "SET", "timeout", "1")
     a, b = instances(make_server, redis.url, 2, redis_keepalive=0.3)

@@ -7,9 +7,10 @@ txredisapi does not do, this does (each is a production failure otherwise):
 - re-subscribe every wanted channel after a reconnect, one channel per
   SUBSCRIBE (a multi-channel SUBSCRIBE misroutes later replies), then ask the
   core to re-read the store for anything published while we were away;
-- PING every connection on a timer with a reply timeout, so Redis' idle
-  ``timeout`` never closes a connection and a hung or half-open server is
-  noticed and the connection remade;
+- PING every connection on a timer, so Redis' idle ``timeout`` never closes
+  a connection, and drop a connection that has replies outstanding and has
+  heard nothing for ``redis_timeout`` (a hung or half-open server), but not
+  one that is merely behind;
 - never wait for a publisher: with no live connection a publish is counted,
   kept (bounded) and published again once Redis is back;
 - rebuild a factory that gave up after a failed AUTH or SELECT;
@@ -56,8 +57,60 @@ class _HandshakeAware:
             self.handshake.callback(None)
 
 
+class _Liveness:
+    """Drops a connection only when Redis has gone quiet, not when a reply is slow.
+
+    txredisapi's reply timeout counts from when a command was sent, so a PING
+    queued behind a subscriber's backlog of messages "times out" on a healthy,
+    busy connection. Here a connection is dead when replies are outstanding and
+    nothing at all has arrived for ``timeout`` seconds.
+    """
+
+    factory: Any
+    transport: Any
+    replyQueue: Any
+    connected: int
+    _quiet_since = 0.0
+    _watch: Any = None
+
+    def _now(self) -> float:
+        return self.factory.broker._reactor.seconds()
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
+        self._quiet_since = self._now()
+        return super().dataReceived(data, unpause)  # type: ignore[misc]
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.replyQueue.waiting:
+            self._quiet_since = self._now()  # the wait for a reply starts now
+        d = super().execute_command(*args, **kwargs)  # type: ignore[misc]
+        if self._watch is None:
+            self._watch = self.factory.broker._reactor.callLater(
+                self.factory.broker.timeout, self._check
+            )
+        return d
+
+    def _check(self) -> None:
+        self._watch = None
+        if not self.connected or not self.replyQueue.waiting:
+            return
+        timeout = self.factory.broker.timeout
+        quiet = self._now() - self._quiet_since
+        if quiet < timeout:
+            self._watch = self.factory.broker._reactor.callLater(timeout - quiet, self._check)
+            return
+        log.warn("redis: no reply for {seconds:.1f}s; dropping the connection", seconds=quiet)
+        self.transport.abortConnection()
+
+    def connectionLost(self, why: Failure) -> None:
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
+        self._watch = None
+        super().connectionLost(why)  # type: ignore[misc]
+
+
 @implementer(IHandshakeListener)
-class _Subscriber(_HandshakeAware, txredisapi.SubscriberProtocol):
+class _Subscriber(_Liveness, _HandshakeAware, txredisapi.SubscriberProtocol):
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.factory.broker._received(channel, message)
 
@@ -67,7 +120,7 @@ class _Subscriber(_HandshakeAware, txredisapi.SubscriberProtocol):
 
 
 @implementer(IHandshakeListener)
-class _Publisher(_HandshakeAware, txredisapi.RedisProtocol):
+class _Publisher(_Liveness, _HandshakeAware, txredisapi.RedisProtocol):
     def connectionLost(self, why: Failure) -> None:
         super().connectionLost(why)
         self.factory.broker._connection_lost("publisher", self, why)
@@ -88,7 +141,7 @@ class _Factory(txredisapi.RedisFactory):
             isLazy=True,
             charset=None,  # payloads stay bytes
             password=address.password,
-            replyTimeout=broker.timeout,
+            replyTimeout=None,  # _Liveness decides when Redis is gone
             convertNumbers=False,  # "007" must not arrive as 7
             username=address.username,
         )
@@ -394,6 +447,5 @@ class RedisBroker:
                     conn.ping().addErrback(self._ping_failed, conn)
 
     def _ping_failed(self, failure: Failure, conn: Any) -> None:
-        # txredisapi's reply timeout already aborted the connection; it reconnects.
-        if conn.transport is not None and conn.connected:
-            conn.transport.abortConnection()
+        # Lost or dropped by _Liveness: the factory reconnects, already logged.
+        return None
