@@ -67,7 +67,9 @@ class Config:
     )
     max_connections_per_user: int = _setting(20, "Open WebSockets one user may have.")
     max_connections_per_ip: int = _setting(200, "Open WebSockets from one client address.")
-    handshake_timeout: float = _setting(5.0, "Seconds to complete the WebSocket handshake.")
+    handshake_timeout: float = _setting(
+        5.0, "Seconds from connecting to a complete request head and an open WebSocket."
+    )
     rate_limit: float = _setting(20.0, "Frames per second a connection may send, sustained.")
     rate_burst: int = _setting(40, "Frames a connection may send at once above rate_limit.")
     rate_limit_strikes: int = _setting(
@@ -90,6 +92,11 @@ class Config:
     )
     slow_client_timeout: float = _setting(
         30.0, "Seconds a client may leave its queue unread before it is dropped."
+    )
+    send_buffer_grace: float = _setting(
+        1.0,
+        "Seconds a client's queue may stay over max_send_buffer (a burst) before it is"
+        " dropped; 0 drops at once.",
     )
     database_url: str = _setting(
         "sqlite:///chatserver.sqlite3",
@@ -161,6 +168,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "rate_limit_strikes": (1, 1_000_000),
     "max_send_buffer": (1024, 1 << 34),
     "slow_client_timeout": (0.1, 3600),
+    "send_buffer_grace": (0, 60),
     "ping_interval": (0, 86400),
     "ping_timeout": (0.1, 3600),
     "drain_seconds": (0, 3600),

@@ -95,6 +95,7 @@ class ServerCollector:
         )
         for reason, count in sorted(factory.rejected.items()):
             rejected.add_metric([reason], count)
+        rejected.add_metric(["handshake timeout"], self._server.site.handshake_timeouts)
         yield rejected
         yield _gauge("store_queue_depth", "Messages waiting to be stored.", store.queue_depth())
         yield _counter("store_batches", "Write transactions committed.", store.batches)

@@ -24,7 +24,14 @@ from chatserver.config import Config
 from chatserver.metrics import MetricsResource
 from chatserver.rooms import RoomRegistry
 from chatserver.store.open import open_store, prepare
-from chatserver.web import AsyncJSONResource, JSONResource, Root, StaticPage, UpgradeResource
+from chatserver.web import (
+    AsyncJSONResource,
+    ChatSite,
+    JSONResource,
+    Root,
+    StaticPage,
+    UpgradeResource,
+)
 from chatserver.websocket import CLOSE_GOING_AWAY, ChatFactory
 
 CLOSE_TIMEOUT = 5.0
@@ -64,10 +71,8 @@ class ListenService(Service):
         return port.stopListening() if port is not None else None
 
 
-def _site(root: Any) -> Site:
-    site = Site(root)
-    site.noisy = False
-    return site
+def _site(root: Any, reactor: Any, config: Config) -> Site:
+    return ChatSite(root, reactor, config.handshake_timeout)
 
 
 def parse_endpoint(reactor: Any, description: str) -> Any:
@@ -100,18 +105,20 @@ class ChatServerService(MultiService):
         metrics = MetricsResource(self)
         side_sites: list[tuple[str, Site]] = []
         if config.metrics_listen:
-            metrics_site = _site(Root({b"metrics": metrics}, None))
+            metrics_site = _site(Root({b"metrics": metrics}, None), reactor, config)
             side_sites += [(desc, metrics_site) for desc in config.metrics_listen]
         else:
             children[b"metrics"] = metrics
         self.admin = AdminAPI(config, self.store, self.chat) if config.admin_api_key else None
         if self.admin is not None:
             if config.admin_listen:
-                admin_site = _site(Root({b"admin": self.admin}, None))
+                admin_site = _site(Root({b"admin": self.admin}, None), reactor, config)
                 side_sites += [(desc, admin_site) for desc in config.admin_listen]
             else:
                 children[b"admin"] = self.admin
-        self.site = _site(Root(children, StaticPage("index.html", b"text/html; charset=utf-8")))
+        self.site = _site(
+            Root(children, StaticPage("index.html", b"text/html; charset=utf-8")), reactor, config
+        )
         self.listeners = [
             ListenService(desc, parse_endpoint(reactor, desc), self.site) for desc in config.listen
         ]

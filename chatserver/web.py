@@ -9,9 +9,96 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.web.http import HTTPChannel
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+log = Logger()
+
+
+class DeadlineChannel(HTTPChannel):
+    """An HTTP connection whose request headers, and WebSocket opening, have a deadline.
+
+    Twisted's idle timeout restarts with every byte, so a client trickling a
+    request a byte at a time (slowloris) holds a connection for ever; and
+    Autobahn's opening-handshake timer starts only once the upgrade request
+    has been read. This deadline runs from the connection (or the end of the
+    previous request) to the last header line of the next, and for a WebSocket
+    upgrade on to the open: ``handshake_timeout`` bounds all of it.
+    """
+
+    deadline = 10.0
+    clock: IReactorTime
+    _timer: IDelayedCall | None = None
+    _raw: Any = None
+
+    def connectionMade(self) -> None:
+        self._raw = self.transport
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._timer = self.clock.callLater(self.deadline, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        upgrade = self.requests[-1].getHeader(b"upgrade") or b""
+        if upgrade.lower() != b"websocket":
+            self._disarm()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.transport is not None and self.persistent:
+            self._arm()  # the next request on this connection gets its own deadline
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _expired(self) -> None:
+        self._timer = None
+        raw = self._raw
+        if not getattr(raw, "connected", False):
+            return
+        if self.transport is None:
+            # Upgraded: the WebSocket protocol has the transport now.
+            proto = raw.wrappedProtocol if isinstance(raw, ProtocolWrapper) else raw.protocol
+            if isinstance(proto, ProtocolWrapper):
+                proto = proto.wrappedProtocol
+            if getattr(proto, "connected", False):
+                return
+        self.site.handshake_timeouts += 1
+        log.info("handshake from {peer} timed out", peer=str(raw.getPeer()))
+        raw.abortConnection()
+
+
+class ChatSite(Site):
+    """A Site whose connections get ``DeadlineChannel``'s handshake deadline."""
+
+    protocol = DeadlineChannel
+    noisy = False
+
+    def __init__(self, root: Resource, clock: IReactorTime, deadline: float) -> None:
+        super().__init__(root)
+        self.clock = clock
+        self.deadline = deadline
+        self.handshake_timeouts = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.clock = self.clock
+        channel.deadline = self.deadline
+        return channel
 
 
 class UpgradeResource(WebSocketResource):

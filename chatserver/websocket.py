@@ -99,6 +99,8 @@ class ChatProtocol(WebSocketServerProtocol):
     user = ""
     address = ""
     admitted = False  # counted against the per-user and per-address limits
+    joined_chat = False  # known to the chat core
+    gone = False  # the TCP connection is closed
     opened_at = 0.0
     connected = False
     bad_frames = 0
@@ -106,6 +108,7 @@ class ChatProtocol(WebSocketServerProtocol):
     _expiry: IDelayedCall | None = None
     _paused_since: float | None = None
     _slow_timer: IDelayedCall | None = None
+    _over_timer: IDelayedCall | None = None
     _queue: deque[bytes] | None = None
     _queued = 0
 
@@ -141,27 +144,54 @@ class ChatProtocol(WebSocketServerProtocol):
         config = factory.config
         if factory.by_address[self.address] >= config.max_connections_per_ip:
             raise self._deny(429, "too many connections from this address", request)
-        if factory.chat.connections_of(identity.user) >= config.max_connections_per_user:
+        if factory.by_user[identity.user] >= config.max_connections_per_user:
             raise self._deny(429, "too many connections for this user", request)
+        # Counted before the first await, so a burst of handshakes can't overshoot.
+        self._hold(identity.user)
         try:
             banned = await factory.store.banned_everywhere(identity.user)
         except StoreUnavailable:
+            self._release()
             raise ConnectionDeny(503, "Service Unavailable") from None
         if banned:
+            self._release()
             raise self._deny(403, "user is banned", request)
-        # Counted from here, before the handshake finishes, so a burst can't overshoot.
-        factory.by_address[self.address] += 1
-        self.admitted = True
-        self.user = identity.user
+        if self.gone:
+            # Hung up while we checked: its slot is free again, nothing else to undo.
+            self._release()
+            raise ConnectionDeny(400, "Gone")
         self.granted = identity.rooms
         self.rooms: dict[str, Deferred[int] | None] = {}
         factory.chat.connect(self)
+        self.joined_chat = True
         if identity.expires is not None:
             delay = max(0.0, identity.expires - factory.clock.seconds())
             self._expiry = factory.clock.callLater(delay, self._token_expired)
         if wire.SUBPROTOCOL in request.protocols:
             return wire.SUBPROTOCOL
         return None
+
+    def _hold(self, user: str) -> None:
+        factory: ChatFactory = self.factory
+        self.user = user
+        factory.by_address[self.address] += 1
+        factory.by_user[user] += 1
+        self.admitted = True
+
+    def _release(self) -> None:
+        if not self.admitted:
+            return
+        self.admitted = False
+        factory: ChatFactory = self.factory
+        for counter, key in ((factory.by_address, self.address), (factory.by_user, self.user)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+    def connectionLost(self, reason: Any) -> None:
+        self.gone = True
+        super().connectionLost(reason)
+        self._release()  # also when Autobahn skips onClose for a half-done handshake
 
     def onOpen(self) -> None:
         self.connected = True
@@ -179,15 +209,13 @@ class ChatProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
-        if self._slow_timer is not None and self._slow_timer.active():
-            self._slow_timer.cancel()
+        for timer in (self._slow_timer, self._over_timer):
+            self._cancel(timer)
         self._queue = None
         factory: ChatFactory = self.factory
-        if self.admitted:
-            self.admitted = False
-            factory.by_address[self.address] -= 1
-            if factory.by_address[self.address] <= 0:
-                del factory.by_address[self.address]
+        self._release()
+        if self.joined_chat:
+            self.joined_chat = False
             factory.chat.disconnect(self)
         if not self.connected:
             return
@@ -221,6 +249,19 @@ class ChatProtocol(WebSocketServerProtocol):
             return
         queue.append(data)
         self._queued += len(data)
+        config = self.factory.config
+        if self._queued > config.max_send_buffer and self._over_timer is None:
+            # A burst (one group commit, a history page) passes if the client
+            # drains it within the grace; one that stays over is dropped.
+            if config.send_buffer_grace <= 0:
+                self._drop_slow("send buffer full")
+            else:
+                self._over_timer = self.factory.clock.callLater(
+                    config.send_buffer_grace, self._still_over
+                )
+
+    def _still_over(self) -> None:
+        self._over_timer = None
         if self._queued > self.factory.config.max_send_buffer:
             self._drop_slow("send buffer full")
 
@@ -242,6 +283,14 @@ class ChatProtocol(WebSocketServerProtocol):
             data = queue.popleft()
             self._queued -= len(data)
             self.transport.write(data)  # may pause us again
+        if self._queued <= self.factory.config.max_send_buffer:
+            self._cancel(self._over_timer)
+            self._over_timer = None
+
+    @staticmethod
+    def _cancel(timer: IDelayedCall | None) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def stopProducing(self) -> None:
         self._queue = None
@@ -289,6 +338,7 @@ class ChatFactory(WebSocketServerFactory):
         self.chat: Chat | None = None
         self.connections: set[ChatProtocol] = set()
         self.by_address: Counter[str] = Counter()
+        self.by_user: Counter[str] = Counter()  # handshakes in progress and open connections
         self.rejected: Counter[str] = Counter()
         self.dropped_slow = 0
         self.ping_timeouts = 0
@@ -300,7 +350,9 @@ class ChatFactory(WebSocketServerFactory):
             maxMessagePayloadSize=config.max_frame_bytes,
             failByDrop=False,  # close frames with 1009/1002/1007, not a silent TCP drop
             allowNullOrigin=True,  # our OriginPolicy decides
-            openHandshakeTimeout=config.handshake_timeout,
+            # The site's DeadlineChannel bounds the whole handshake, request
+            # included; Autobahn's timer would start late and round short values.
+            openHandshakeTimeout=0,
             autoPingInterval=config.ping_interval,
             autoPingTimeout=config.ping_timeout,
             perMessageCompressionAccept=lambda offers: None,

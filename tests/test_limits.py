@@ -18,7 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory as ProtocolFactory
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from wsclient import TIMEOUT, Client, HandshakeRefused, connect, handshake_status
+from wsclient import TIMEOUT, Client, HandshakeRefused, connect, handshake_status, http_get
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -339,6 +339,9 @@ async def test_silent_connection_is_closed_after_handshake_timeout(make_server):
         silent = await raw_connection(server.port)
         assert await hung_up_within(silent, 5.0), "a connection that sent nothing was kept open"
         assert silent.data == b""
+        assert server.site.handshake_timeouts == 1
+        _, metrics = await http_get(server.port, "/metrics")
+        assert b'chatserver_handshake_rejections_total{reason="handshake timeout"} 1.0' in metrics
     finally:
         await stop_within(server)
 
@@ -387,10 +390,11 @@ async def test_upgrade_request_completed_within_handshake_timeout_is_accepted(ma
     """
     server = make_server(handshake_timeout=0.5)
     try:
+        # The deadline runs from the connection: connect at the phase, send at once.
+        await at_phase((phase - 0.2) % 1.0)
         conn = await raw_connection(server.port)
         try:
             request = upgrade_request(server.port)
-            await at_phase((phase - 0.2) % 1.0)
             conn.transport.write(request[: len(request) // 2])
             # A deliberate delay that creates the condition: the request arrives in two parts.
             await deferLater(reactor, 0.2, lambda: None)
@@ -555,3 +559,26 @@ async def test_client_that_reads_is_not_dropped_for_two_full_history_pages(make_
     assert [m["id"] for p in pages for m in p["messages"]] == list(range(1, 201))
     assert server.factory.dropped_slow == 0
     assert (await a.request({"type": "ping"}))["type"] == "pong"
+
+
+@ensure
+async def test_zero_grace_drops_a_non_reader_once_over_the_buffer(make_server):
+    """send_buffer_grace = 0: over max_send_buffer means dropped, with no grace timer.
+    (The grace itself is driven by a fake clock in test_send_buffer.py.)"""
+    server = make_server(send_buffer_grace=0.0, slow_client_timeout=3600.0)
+    a = await connect(server.port)
+    await a.join("big")
+    body = "\U0001f600" * server.config.max_body_chars
+    for _ in range(100):
+        ack = await a.request({"type": "send", "room": "big", "body": body})
+        assert ack["type"] == "ack", ack
+    await a.drain_to_pong()
+    proto = server_side(server, a)
+    gone = server_closed(server, proto)
+    a.proto.transport.pauseProducing()  # stops reading
+    # 40 pages of ~1.6 MB: more than the socket buffers can hold (Linux: 4 + 32 MB at most).
+    for i in range(40):
+        a.send({"type": "history", "room": "big", "after": 0, "limit": 100, "ref": f"h{i}"})
+    await gone
+    assert server.factory.dropped_slow == 1
+    assert proto._over_timer is None
