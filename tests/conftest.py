@@ -81,6 +81,19 @@ def pg_url(postgres: Any) -> str:
 
 
 @pytest.fixture
+def redis() -> Any:
+    """A throwaway redis-server of this test's own (tests kill and restart it)."""
+    from servers import RedisServer
+
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
 def own_postgres() -> Any:
     """A cluster of this test's own, for tests that stop and restart it."""
     from servers import PostgresServer

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import pytest_twisted
-from servers import RedisServer
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from wsclient import connect, handshake_status, http_get, http_json
 
 ensure = pytest_twisted.ensureDeferred
 KEY = "admin-key-for-tests"
-
-
-@pytest.fixture
-def redis():
-    server = RedisServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 async def two_instances(make_server, redis, **settings):

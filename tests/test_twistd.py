@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import zipfile
@@ -104,3 +106,93 @@ def test_wheel_contains_the_plugin_and_not_twisted_init(tmp_path):
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert "chatserver/static/index.html" in names
+
+
+@ensure
+async def test_json_logs_one_object_per_line_with_connection_fields(tmp_path):
+    proc = spawn(
+        [
+            "--logger",
+            "chatserver.logs.json_observer",
+            "-n",
+            "--pidfile=",
+            "chatserver",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--drain-seconds",
+            "0",
+        ],
+        tmp_path,
+    )
+    port = await proc.listening.addTimeout(30, reactor)
+    a = await connect(port, "alice")
+    await a.join("r")
+    await a.request({"type": "send", "room": "r", "body": "a secret body"})
+    proc.transport.signalProcess("TERM")
+    assert await a.wait_closed() == 1001
+    assert await proc.ended.addTimeout(TIMEOUT, reactor) == 0, proc.output.decode()
+    lines = proc.output.decode().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "namespace", "message"} <= r.keys() for r in records)
+    opened = [r for r in records if r["message"].startswith("connection open")]
+    closed = [r for r in records if r["message"].startswith("connection closed")]
+    assert [(r["user"], r["address"], r["level"]) for r in opened] == [
+        ("alice", "127.0.0.1", "info")
+    ]
+    assert closed[0]["user"] == "alice" and closed[0]["code"] == 1001
+    assert isinstance(closed[0]["duration"], float)
+    assert "a secret body" not in proc.output.decode()
+
+
+def spawn_activated(sock: socket.socket, tmp_path: Path) -> Twistd:
+    """Start twistd the way systemd's socket activation does: the listening socket is
+    fd 3, LISTEN_FDS/LISTEN_FDNAMES say so, LISTEN_PID is the server's own pid (the
+    shell sets it, then execs twistd in its place)."""
+    proto = Twistd()
+    env = {**os.environ, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "ws"}
+    env.pop("PORT", None)
+    args = ["-n", "--pidfile=", "chatserver", "--listen", "systemd:domain=INET:name=ws"]
+    script = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"'
+    reactor.spawnProcess(
+        proto,
+        "/bin/sh",
+        ["/bin/sh", "-c", script, str(BIN / "twistd"), *args],
+        env=env,
+        path=str(tmp_path),
+        childFDs={0: "w", 1: "r", 2: "r", 3: sock.fileno()},
+    )
+    return proto
+
+
+@ensure
+async def test_socket_activation_serves_the_inherited_socket_across_a_restart(tmp_path):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    try:
+        first = spawn_activated(sock, tmp_path)
+        assert await first.listening.addTimeout(30, reactor) == port
+        a = await connect(port, "alice")
+        await a.join("r")
+        sent = await a.request({"type": "send", "room": "r", "body": "before the restart"})
+        first.transport.signalProcess("TERM")
+        assert await a.wait_closed() == 1001
+        assert await first.ended.addTimeout(TIMEOUT, reactor) == 0, first.output.decode()
+
+        # No server now, but the socket is still open (systemd holds it): a client
+        # connecting during the restart waits in the backlog instead of being refused.
+        waiting = Deferred.fromCoroutine(connect(port, "bob"))
+        second = spawn_activated(sock, tmp_path)
+        await second.listening.addTimeout(30, reactor)
+        b = await waiting
+        await b.join("r")
+        page = await b.request({"type": "history", "room": "r", "after": 0})
+        assert [(m["id"], m["body"]) for m in page["messages"]] == [
+            (sent["id"], "before the restart")
+        ]
+        second.transport.signalProcess("TERM")
+        assert await b.wait_closed() == 1001
+        assert await second.ended.addTimeout(TIMEOUT, reactor) == 0, second.output.decode()
+    finally:
+        sock.close()
