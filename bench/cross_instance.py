@@ -69,6 +69,16 @@ def percentile(sorted_values: Any, p: float) -> float:
     return float(sorted_values[k])
 
 
+def fast_members() -> bool:
+    """The picows members generator when its libraries are installed."""
+    try:
+        import picows  # noqa: F401
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def can_pin() -> bool:
     """taskset exists and CPUs 0 and 1 are both ours; otherwise run unpinned."""
     if shutil.which("taskset") is None:
@@ -596,13 +606,18 @@ class Instance:
 class Generator:
     """One generator subprocess: its event lines out, commands in (members only)."""
 
-    def __init__(self, role: str, spec: dict[str, Any], pin: bool, log: Path) -> None:
+    def __init__(
+        self, role: str, spec: dict[str, Any], pin: bool, log: Path, fast: bool = False
+    ) -> None:
         self.role = role
         self.log = log
         self._buffer = b""
         self.events: set[str] = set()
         self.result: dict[str, Any] | None = None
-        argv = [sys.executable, str(Path(__file__).resolve()), "--_generator", role]
+        if fast:  # picows + uvloop members (bench/requirements.txt)
+            argv = [sys.executable, str(HERE / "fast_members.py")]
+        else:
+            argv = [sys.executable, str(Path(__file__).resolve()), "--_generator", role]
         with open(log, "wb") as err:
             self.proc = subprocess.Popen(
                 pinned([*argv, json.dumps(spec)], 1, pin),
@@ -726,7 +741,7 @@ def report(
             f" + senders {sd['cpu'] * 100:.0f}%)",
         ),
         ("server A CPU (senders)", f"{server_cpu['A'] * 100:.0f}%"),
-        ("server B CPU (members)", f"{server_cpu['B'] * 100:.0f}%"),
+        ("server B CPU (members)", f"{server_cpu['B'] * 100:.0f}%" if args.instances > 1 else "-"),
         (
             "CPU 0 / CPU 1 busy, all processes",
             " / ".join(
@@ -739,9 +754,11 @@ def report(
     ]
     pinning = "servers CPU 0, generator CPU 1 (taskset)" if pin else "none"
     head = (
-        f"store={args.store} rooms={args.rooms} members={args.members} rate={args.rate:g}/s "
+        f"instances={args.instances} store={args.store} rooms={args.rooms}"
+        f" members={args.members} rate={args.rate:g}/s "
         f"window={window:.2f}s; pinning: {pinning}\n"
-        f"members' drain: {m['drain']:.2f}s, ended: {m['drain_end']}"
+        f"members' drain: {m['drain']:.2f}s, ended: {m['drain_end']};"
+        f" members generator: {'picows' if fast_members() else 'autobahn'}"
     )
     lines = [head, "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -835,7 +852,7 @@ def run(args: argparse.Namespace) -> int:
 
         # The caller's CHATSERVER_* variables win, so any setting can be tried.
         env = {**SERVER_ENV, **os.environ}
-        for name in ("A", "B"):
+        for name in ("A", "B")[: args.instances]:
             inst = Instance(name, root / name, servers.free_port())
             argv = [
                 venv_tool("twistd"),
@@ -853,7 +870,7 @@ def run(args: argparse.Namespace) -> int:
             instances.append(inst)
         for inst in instances:
             inst.wait_listening(SERVER_START_TIMEOUT)
-        a, b = instances
+        a, b = instances[0], instances[-1]  # one instance: senders and members share it
 
         budget = CONNECT_TIMEOUT + WARMUP + args.seconds + args.drain + 15
         spec = {
@@ -870,10 +887,15 @@ def run(args: argparse.Namespace) -> int:
         health: dict[str, str] = {}
 
         def sample(key: str) -> None:
-            samples[key] = {"t": time.monotonic(), "A": a.cpu(), "B": b.cpu(), "cpus": cpu_times()}
+            samples[key] = {
+                "t": time.monotonic(),
+                "A": a.cpu(),
+                "B": b.cpu() if b is not a else 0.0,
+                "cpus": cpu_times(),
+            }
 
         deadline = time.monotonic() + budget + 10
-        members = Generator("members", spec, pin, root / "members.log")
+        members = Generator("members", spec, pin, root / "members.log", fast=fast_members())
         gens.append(members)
         senders: Generator | None = None
 
@@ -933,6 +955,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10, help="measured window")
     parser.add_argument(
         "--drain", type=float, default=10, help="most seconds to wait for stragglers"
+    )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: senders on A, members on B (default); 1: everyone on A, still through Redis",
     )
     parser.add_argument("--keep", action="store_true", help="keep logs and databases")
     parser.add_argument("--_generator", nargs=2, help=argparse.SUPPRESS)

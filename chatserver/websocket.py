@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -110,6 +111,7 @@ class ChatProtocol(WebSocketServerProtocol):
     _slow_timer: IDelayedCall | None = None
     _over_timer: IDelayedCall | None = None
     _queue: deque[bytes] | None = None
+    _direct = False  # plain TCP: deliveries may go straight to the socket
     _queued = 0
 
     # -- handshake ----------------------------------------------------------
@@ -202,6 +204,7 @@ class ChatProtocol(WebSocketServerProtocol):
         # Whoever had the transport before (the HTTP channel) lets go of it first.
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
+        self._direct = isinstance(self.transport, tcp.Connection) and self.factory.direct_writes
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.chat.handle(self, payload, isBinary)
@@ -245,6 +248,10 @@ class ChatProtocol(WebSocketServerProtocol):
         if queue is None or self.state != self.STATE_OPEN:
             return
         if self._paused_since is None and not queue:
+            if self._direct:
+                data = self._send_now(data)
+                if not data:
+                    return
             self.transport.write(data)
             return
         queue.append(data)
@@ -259,6 +266,28 @@ class ChatProtocol(WebSocketServerProtocol):
                 self._over_timer = self.factory.clock.callLater(
                     config.send_buffer_grace, self._still_over
                 )
+
+    def _send_now(self, data: bytes) -> bytes:
+        """Hand ``data`` to the socket at once if nothing is buffered ahead of it.
+
+        Twisted's ``write`` buffers and registers for writability, then sends
+        on the next loop pass and unregisters: two ``epoll_ctl`` calls around
+        each ``send``. For a delivery to an idle socket that is most of its
+        cost. What the socket doesn't take goes through ``write`` as before;
+        anything already buffered goes first, so order is kept.
+        """
+        t = self.transport
+        if t._tempDataLen or len(t.dataBuffer) > t.offset or not t.connected:
+            return data
+        if t.disconnecting or t._writeDisconnected:
+            return b""
+        try:
+            sent = t.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            return data
+        except OSError:
+            return data  # Twisted's own write path notices and reports the error
+        return data[sent:]
 
     def _still_over(self) -> None:
         self._over_timer = None
@@ -341,6 +370,7 @@ class ChatFactory(WebSocketServerFactory):
         self.by_user: Counter[str] = Counter()  # handshakes in progress and open connections
         self.rejected: Counter[str] = Counter()
         self.dropped_slow = 0
+        self.direct_writes = True
         self.ping_timeouts = 0
         self._close_waiters: dict[ChatProtocol, list[Deferred[None]]] = {}
         # Every Autobahn default that matters is set here on purpose.
