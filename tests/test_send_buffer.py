@@ -8,8 +8,6 @@ in test_limits.py.
 
 from __future__ import annotations
 
-from collections import deque
-
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -35,7 +33,7 @@ def paused_connection(grace: float) -> tuple[ChatProtocol, Factory, StringTransp
     transport = StringTransport()
     proto.transport = transport
     proto.state = proto.STATE_OPEN
-    proto._queue = deque()
+    proto._writable = True
     proto.peer = "tcp:192.0.2.1:4000"
     proto.pauseProducing()  # the transport's buffer is full: writes queue
     return proto, factory, transport

@@ -59,6 +59,28 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+def raise_open_files_limit() -> None:
+    """Each WebSocket is a file descriptor, and the usual soft limit is 1024.
+
+    Raise the soft limit to the hard one (always allowed); a hard limit below
+    what a deployment needs is the operator's to raise (systemd: LimitNOFILE).
+    """
+    import resource
+
+    from twisted.logger import Logger
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return
+    Logger().info(
+        "open files limit: {limit} (about that many connections)",
+        limit="unlimited" if hard == resource.RLIM_INFINITY else hard,
+    )
+
+
 @implementer(IServiceMaker, IPlugin)
 class ChatServerMaker:
     tapname = "chatserver"
@@ -77,6 +99,7 @@ class ChatServerMaker:
             reactor._exitSignal = None
 
         reactor.addSystemEventTrigger("after", "shutdown", exit_zero_after_clean_stop)
+        raise_open_files_limit()
         try:
             return ChatServerService(options.config, reactor)
         except SchemaError as e:
