@@ -186,7 +186,7 @@ def main() -> int:
                 f"{result['rss_before_mib']:.1f} / {result['rss_after_mib']:.1f}",
             ),
             ("server RSS per idle connection (KiB)", f"{result['kib_per_connection']:.2f}"),
-            ("connection storm: connects + joins per second", f"{result['connects_per_second']:.0f}"),
+            ("connection storm: connects + joins/s", f"{result['connects_per_second']:.0f}"),
             ("server CPU per connect + join (ms)", f"{result['server_cpu_per_connect_ms']:.3f}"),
             ("server CPU while idle (% of a core)", f"{result['idle_server_cpu'] * 100:.1f}"),
         ]
