@@ -101,6 +101,8 @@ class ChatServerService(MultiService):
             b"ws": UpgradeResource(self.factory),
             b"healthz": JSONResource(self.health),
             b"readyz": AsyncJSONResource(self.readiness),
+            b"app.js": StaticPage("app.js", b"text/javascript; charset=utf-8"),
+            b"app.css": StaticPage("app.css", b"text/css; charset=utf-8"),
         }
         metrics = MetricsResource(self)
         side_sites: list[tuple[str, Site]] = []
@@ -197,6 +199,9 @@ class ChatServerService(MultiService):
         await self.factory.close_all(
             CLOSE_GOING_AWAY, "server shutting down", CLOSE_TIMEOUT, spread
         )
+        # Store what is queued while the broker is still up, so other instances
+        # get those messages live too; then close the broker, then the pool.
+        await self.store.flush()
         await self.broker.stop()
         try:
             await self.store.close()

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -82,6 +82,22 @@ class DeadlineChannel(HTTPChannel):
         raw.abortConnection()
 
 
+class _WithoutQuery:
+    """A request as the access log sees it: the path without its query string."""
+
+    def __init__(self, request: Any) -> None:
+        self._request = request
+        self.uri = request.uri.split(b"?", 1)[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def access_line(timestamp: str, request: Any) -> str:
+    """Combined log format minus query strings: a ``?token=`` must never reach a log."""
+    return combinedLogFormatter(timestamp, _WithoutQuery(request))
+
+
 class ChatSite(Site):
     """A Site whose connections get ``DeadlineChannel``'s handshake deadline."""
 
@@ -89,7 +105,7 @@ class ChatSite(Site):
     noisy = False
 
     def __init__(self, root: Resource, clock: IReactorTime, deadline: float) -> None:
-        super().__init__(root)
+        super().__init__(root, logFormatter=access_line)
         self.clock = clock
         self.deadline = deadline
         self.handshake_timeouts = 0

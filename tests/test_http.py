@@ -50,3 +50,23 @@ async def test_healthz_and_page(server):
     assert code == 200 and b"chatserver" in body
     code, _ = await http_get(server.port, "/nothing-here")
     assert code == 404
+
+
+@ensure
+async def test_access_log_leaves_out_query_strings(server):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen: list[str] = []
+
+    def observer(event):
+        seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        code, _ = await http_get(server.port, "/ws?token=s3cret-token&user=x")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert code == 426
+    lines = [line for line in seen if '"GET /ws' in line]
+    assert lines, seen  # the request was logged...
+    assert not any("s3cret" in line for line in seen)  # ...without its token

@@ -87,6 +87,19 @@ async def test_twistd_refuses_a_bad_setting_with_its_name(tmp_path):
     assert b"max_body_chars" in proc.output
 
 
+@ensure
+async def test_twistd_without_its_database_says_so_in_one_line(tmp_path):
+    from servers import free_port
+
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/chat"  # nothing listens there
+    proc = spawn(["-n", "--pidfile=", "chatserver", "--database-url", url], tmp_path)
+    code = await proc.ended.addTimeout(30, reactor)
+    proc.listening.addErrback(lambda _: None)
+    assert code != 0
+    assert b"cannot reach the database" in proc.output, proc.output.decode()
+    assert b"Traceback" not in proc.output, proc.output.decode()
+
+
 def test_twistd_lists_the_plugin():
     out = subprocess.run(
         [str(BIN / "twistd"), "--help"], capture_output=True, text=True, check=True

@@ -16,6 +16,7 @@ import psycopg2.extras
 from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorTime
 
+from chatserver.store import SchemaError
 from chatserver.store.sql import Dialect, Row, SQLStore, check_schema, migrate
 
 CONNECT_TIMEOUT = 5
@@ -66,7 +67,13 @@ def connect(url: str) -> Any:
 
 def check(url: str) -> None:
     """Blocking: refuse to serve against a schema this server does not know."""
-    connection = connect(url)
+    try:
+        connection = connect(url)
+    except psycopg2.OperationalError as e:
+        # At start there is nothing to degrade to: say so in one line and exit
+        # (systemd or the orchestrator restarts us).
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise SchemaError(f"cannot reach the database to check its schema: {reason}") from None
     try:
         check_schema(connection, PostgresDialect())
     finally:
