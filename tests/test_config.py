@@ -78,3 +78,13 @@ def test_example_file_documents_every_setting():
     values = tomllib.loads("\n".join(ln for ln in lines if " = " in ln))
     skip = {"jwt_secret", "auth"} | {k for k in values if k.endswith("_file")}
     load(None, {}, {k: v for k, v in values.items() if k not in skip})
+
+
+def test_readme_names_every_setting():
+    from pathlib import Path
+
+    from chatserver.config import SETTINGS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name in SETTINGS if f"`{name}`" not in readme]
+    assert missing == []
