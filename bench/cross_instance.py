@@ -69,6 +69,31 @@ def percentile(sorted_values: Any, p: float) -> float:
     return float(sorted_values[k])
 
 
+PEERS = HERE / "peers"
+
+
+def server_argv(server: str, port: int, redis_url: str, database_url: str) -> list[str]:
+    """The command line of one server under test: chatserver, or a peer to compare with."""
+    if server == "autobahn":
+        return [sys.executable, str(PEERS / "autobahn_broadcast.py"), str(port)]
+    if server == "node":
+        if not (PEERS / "node" / "node_modules" / "ws").is_dir():
+            raise RuntimeError("the node peer needs its package: cd bench/peers/node && npm ci")
+        return ["node", str(PEERS / "node" / "server.js"), str(port)]
+    return [
+        venv_tool("twistd"),
+        "-n",
+        "--pidfile=",
+        "chatserver",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+        "--redis-url",
+        redis_url,
+        "--database-url",
+        database_url,
+    ]
+
+
 def fast_members() -> bool:
     """The picows members generator when its libraries are installed."""
     try:
@@ -754,7 +779,8 @@ def report(
     ]
     pinning = "servers CPU 0, generator CPU 1 (taskset)" if pin else "none"
     head = (
-        f"instances={args.instances} store={args.store} rooms={args.rooms}"
+        f"server={args.server} instances={args.instances}"
+        f" store={args.store if args.server == 'chatserver' else '-'} rooms={args.rooms}"
         f" members={args.members} rate={args.rate:g}/s "
         f"window={window:.2f}s; pinning: {pinning}\n"
         f"members' drain: {m['drain']:.2f}s, ended: {m['drain_end']};"
@@ -854,18 +880,7 @@ def run(args: argparse.Namespace) -> int:
         env = {**SERVER_ENV, **os.environ}
         for name in ("A", "B")[: args.instances]:
             inst = Instance(name, root / name, servers.free_port())
-            argv = [
-                venv_tool("twistd"),
-                "-n",
-                "--pidfile=",
-                "chatserver",
-                "--listen",
-                f"tcp:{inst.port}:interface=127.0.0.1",
-                "--redis-url",
-                redis.url,
-                "--database-url",
-                database_url,
-            ]
+            argv = server_argv(args.server, inst.port, redis.url, database_url)
             inst.start(pinned(argv, 0, pin), env)
             instances.append(inst)
         for inst in instances:
@@ -963,6 +978,13 @@ def main() -> int:
         default=2,
         help="2: senders on A, members on B (default); 1: everyone on A, still through Redis",
     )
+    parser.add_argument(
+        "--server",
+        choices=("chatserver", "autobahn", "node"),
+        default="chatserver",
+        help="what to measure: chatserver (Redis and the store on), or a peer in bench/peers/"
+        " (one in-memory process; implies --instances 1)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep logs and databases")
     parser.add_argument("--_generator", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -970,6 +992,8 @@ def main() -> int:
         role, spec = args._generator
         run_generator(role, json.loads(spec))
         return 0
+    if args.server != "chatserver":
+        args.instances = 1
     if min(args.rooms, args.members) < 1 or min(args.rate, args.seconds, args.drain) <= 0:
         parser.error("rooms, members, rate, seconds and drain must be positive")
 

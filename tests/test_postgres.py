@@ -336,3 +336,18 @@ async def test_two_stores_many_rooms_ids_gap_free_per_room(pg_url):
     assert any(s.batches < n / 2 for s in stores), "nothing was batched"
     for s in stores:
         await s.close()
+
+
+@ensure
+async def test_bodies_with_tabs_newlines_and_backslashes_round_trip(pg_url):
+    """Batches go in with COPY: its text format's special characters must survive."""
+    store = open_store(Config(database_url=pg_url, db_pool_size=1), reactor)
+    bodies = ["a\tb", "line1\nline2\r\n", "back\\slash \\N \\.", "\\", "emoji \U0001f600 é", ""]
+    users = ["tab\tuser", "back\\slash"]
+    stored = await gatherResults(
+        [store.append("r\t1", users[i % 2], b) for i, b in enumerate(bodies)]
+    )
+    page, more = await store.history("r\t1", None, 0, 100)
+    assert [(m.id, m.user, m.body) for m in page] == [(m.id, m.user, m.body) for m in stored]
+    assert [m.body for m in page] == bodies and not more
+    await store.close()

@@ -7,6 +7,7 @@ connections there are.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,18 +24,28 @@ CONNECT_TIMEOUT = 5
 _MIGRATION_LOCK = 0x63686174  # "chat": one advisory lock id for schema changes
 
 
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: str) -> str:
+    """A value in COPY's text format: backslash, tab, newline, CR escaped."""
+    return value.translate(_COPY_ESCAPES)
+
+
 class PostgresDialect(Dialect):
     name = "postgres"
     connection_errors = (psycopg2.OperationalError, psycopg2.InterfaceError)
     database_errors = (psycopg2.DatabaseError,)
 
     def insert_messages(self, cursor: Any, rows: Sequence[Row]) -> None:
-        # Multi-row VALUES: one round trip per page, 30x executemany.
-        psycopg2.extras.execute_values(
-            cursor,
-            "INSERT INTO messages (room, id, username, body, ts) VALUES %s",
-            rows,
-            page_size=1000,
+        # COPY: one round trip for the batch, and no per-row parameter quoting
+        # in Python (execute_values spends most of a batch's time there).
+        data = "".join(
+            f"{_copy_text(room)}\t{mid}\t{_copy_text(user)}\t{_copy_text(body)}\t{ts}\n"
+            for room, mid, user, body, ts in rows
+        )
+        cursor.copy_expert(
+            "COPY messages (room, id, username, body, ts) FROM STDIN", io.StringIO(data)
         )
 
     def reserve_ids(self, cursor: Any, counts: dict[str, int]) -> dict[str, int]:

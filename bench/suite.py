@@ -1,0 +1,107 @@
+"""The fan-out benchmark suite: chatserver beside its peers, rate stepped up.
+
+For each server (chatserver with Postgres and Redis on, the bare Autobahn
+broadcast peer, the Node.js ``ws`` peer) it runs ``cross_instance.py`` at
+rising message rates on the 10 rooms x 100 members shape, one sender per
+room, and reports per server the highest deliveries/s that kept every
+delivery (0 lost) with p99 under 50 ms (interactive) and under 250 ms (bulk),
+plus every run's row. Stepping stops for a server once a run loses deliveries
+or its p99 passes a second.
+
+    python bench/suite.py [--servers chatserver,autobahn,node] [--rates 100,200,...]
+
+Each run prints whether the load generator, not the server, ran out of CPU
+(``gen%`` at 90 or more): such a row is a floor for the server, not its limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_RATES = "100,200,300,400,500,600,700,800,1000"
+
+
+def run_one(server: str, rate: int, seconds: float) -> dict[str, float] | None:
+    argv = [
+        sys.executable,
+        str(HERE / "cross_instance.py"),
+        "--server",
+        server,
+        "--instances",
+        "1",
+        "--rate",
+        str(rate),
+        "--seconds",
+        str(seconds),
+        "--drain",
+        "5",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    out = done.stdout
+
+    def grab(pattern: str) -> str | None:
+        found = re.search(pattern, out)
+        return found.group(1) if found else None
+
+    delivered = grab(r"\| deliveries/s \(arriving in the window\) \| (\d+) \|")
+    latency = grab(r"\| latency p50 / p90 / p99 / max \(ms\) \| ([^|]+) \|")
+    lost = grab(r"\| lost \| (\d+) ")
+    gen = grab(r"\| generator CPU \(% of one core\) \| (\d+)%")
+    cpu = grab(r"\| server A CPU \(senders\) \| (\d+)%")
+    if None in (delivered, latency, lost, gen, cpu):
+        sys.stderr.write(f"{server} at {rate}/s: no result\n{out[-2000:]}\n{done.stderr[-2000:]}\n")
+        return None
+    p50, _, p99, _ = (float(v) for v in latency.split(" / "))
+    return {
+        "rate": rate,
+        "deliveries": float(delivered),
+        "p50": p50,
+        "p99": p99,
+        "lost": float(lost),
+        "gen": float(gen),
+        "cpu": float(cpu),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--servers", default="chatserver,autobahn,node")
+    parser.add_argument("--rates", default=DEFAULT_RATES, help="messages/s, comma-separated")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured window per run")
+    args = parser.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    summary = []
+    print("| server | sent/s | deliveries/s | p50 ms | p99 ms | lost | server CPU % | gen % |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for server in args.servers.split(","):
+        best = {50.0: 0.0, 250.0: 0.0}
+        for rate in rates:
+            row = run_one(server, rate, args.seconds)
+            if row is None:
+                break
+            print(
+                f"| {server} | {rate} | {row['deliveries']:.0f} | {row['p50']:.1f} |"
+                f" {row['p99']:.1f} | {row['lost']:.0f} | {row['cpu']:.0f} | {row['gen']:.0f} |",
+                flush=True,
+            )
+            for bound in best:
+                if row["lost"] == 0 and row["p99"] < bound:
+                    best[bound] = max(best[bound], row["deliveries"])
+            if row["lost"] > 0 or row["p99"] > 1000:
+                break
+        summary.append((server, best[50.0], best[250.0]))
+    print()
+    print("| server | deliveries/s, 0 lost, p99 < 50 ms | deliveries/s, 0 lost, p99 < 250 ms |")
+    print("|---|---:|---:|")
+    for server, interactive, bulk in summary:
+        print(f"| {server} | {interactive:,.0f} | {bulk:,.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
