@@ -75,7 +75,7 @@ class DeadlineChannel(HTTPChannel):
             proto = raw.wrappedProtocol if isinstance(raw, ProtocolWrapper) else raw.protocol
             if isinstance(proto, ProtocolWrapper):
                 proto = proto.wrappedProtocol
-            if getattr(proto, "connected", False):
+            if getattr(proto, "chat_open", False):
                 return
         self.site.handshake_timeouts += 1
         log.info("handshake from {peer} timed out", peer=str(raw.getPeer()))

@@ -10,6 +10,7 @@ queue while paused, and a client that stays behind or lets the queue grow past
 from __future__ import annotations
 
 import ipaddress
+import types
 from collections import Counter, deque
 from fnmatch import fnmatchcase
 from typing import Any
@@ -114,7 +115,7 @@ class ChatProtocol(WebSocketServerProtocol):
     joined_chat = False  # known to the chat core
     gone = False  # the TCP connection is closed
     opened_at = 0.0
-    connected = False
+    chat_open = False  # the WebSocket is open (Twisted's own `connected` means TCP)
     bad_frames = 0
     granted: frozenset[str] = frozenset()
     _expiry: IDelayedCall | None = None
@@ -208,7 +209,7 @@ class ChatProtocol(WebSocketServerProtocol):
         self._release()  # also when Autobahn skips onClose for a half-done handshake
 
     def onOpen(self) -> None:
-        self.connected = True
+        self.chat_open = True
         self.opened_at = self.factory.clock.seconds()
         log.info("connection open: {user} from {address}", user=self.user, address=self.address)
         self.factory.connections.add(self)
@@ -240,9 +241,9 @@ class ChatProtocol(WebSocketServerProtocol):
         if self.joined_chat:
             self.joined_chat = False
             factory.chat.disconnect(self)
-        if not self.connected:
+        if not self.chat_open:
             return
-        self.connected = False
+        self.chat_open = False
         factory.connections.discard(self)
         if reason and "ping timeout" in reason:
             factory.ping_timeouts += 1
@@ -362,16 +363,16 @@ class ChatProtocol(WebSocketServerProtocol):
     # -- chat.Connection ------------------------------------------------------
 
     def send_frame(self, data: bytes) -> None:
-        if self.connected:
+        if self.chat_open:
             self._write(self.factory.prepareMessage(data).payloadHybi)
 
     def deliver(self, prepared: Any) -> None:
-        if self.connected:
+        if self.chat_open:
             self._write(prepared.payloadHybi)
 
     def close_with(self, code: int, reason: str) -> None:
         # sendClose() only takes application codes; 1001/1008 are protocol-level.
-        if self.connected and self.state == self.STATE_OPEN:
+        if self.chat_open and self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
 
 
@@ -417,7 +418,12 @@ class ChatFactory(WebSocketServerFactory):
         # Autobahn copies each of its ~30 options onto every connection when it
         # opens. As class attributes of a per-factory subclass they are shared:
         # about 1.5 KB less per connection.
-        options = {name: getattr(self, name) for name in ChatProtocol.CONFIG_ATTRS}
+        options = {
+            # A function as a class attribute would become a method: keep it plain.
+            name: staticmethod(value) if isinstance(value, types.FunctionType) else value
+            for name in ChatProtocol.CONFIG_ATTRS
+            for value in (getattr(self, name),)
+        }
         self.protocol = type("ChatProtocol", (ChatProtocol,), {**options, "CONFIG_ATTRS": ()})
 
     def pop_close_waiters(self, proto: ChatProtocol) -> list[Deferred[None]]:

@@ -73,6 +73,10 @@ def check_parse(
 
     Anything but ``FrameError`` escaping ``parse`` fails the calling test.
     """
+    if source is not None:
+        # What the payload means, not the object it was made from: JSON joins an
+        # escaped surrogate pair ("\ud800\udc00") into one character (U+10000).
+        source = json.loads(payload)
     try:
         frame = wire.parse(payload, is_binary, max_body)
     except wire.FrameError as e:

@@ -582,3 +582,18 @@ async def test_zero_grace_drops_a_non_reader_once_over_the_buffer(make_server):
     await gone
     assert server.factory.dropped_slow == 1
     assert proto._over_timer is None
+
+
+@ensure
+async def test_handshake_deadline_covers_the_checks_after_the_request(make_server):
+    """A request read in full, then a ban check that never answers: still cut at the deadline."""
+    server = make_server(handshake_timeout=0.5)
+    server.store.banned_everywhere = lambda user: Deferred()  # never answers
+    try:
+        conn = await raw_connection(server.port)
+        conn.transport.write(upgrade_request(server.port, "stuck"))
+        assert await hung_up_within(conn, 5.0), "a handshake stuck in its checks was kept open"
+        assert b" 101 " not in conn.data
+        assert server.site.handshake_timeouts == 1
+    finally:
+        await stop_within(server)

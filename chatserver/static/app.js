@@ -1,0 +1,803 @@
+// The chatserver web client: protocol v1 over the WebSocket at ./ws, no build step.
+//
+// What it keeps per room, so that a dropped connection (server restart: close
+// 1001; a network drop: no close at all, found by our own pings) loses nothing
+// and shows nothing twice:
+//   cursor  every message up to this id has been received (or predates the first
+//           join); after a reconnect the room asks `history` `after: cursor`,
+//           page by page until `more` is false;
+//   seen    the ids shown: the de-duplication key, with the room name;
+//   held    live messages that arrive while the catch-up runs, shown after it in
+//           id order.
+// Our own messages stay "pending" until their `ack`. One whose ack was lost with
+// the connection is looked for in the catch-up (our user, same room and body):
+// found, it was stored; not found, it was not, and it is sent again.
+"use strict";
+
+(() => {
+  const NAME = /^[A-Za-z0-9_.:-]{1,64}$/;
+  const BACKLOG = 50; // messages shown when a room is first joined
+  const PAGE = 100; // catch-up page (the protocol's largest `limit`)
+  const OLDER = 50; // "Load older messages" page
+  const PING_EVERY = 25000; // ms; a network drop sends no close, so we ask
+  const PONG_WAIT = 10000;
+  const FATAL = {
+    4001: "Your token has expired: get a new one and reload the page.",
+    4003: "You are banned from this server.",
+  };
+
+  // Exponential backoff with "equal jitter": the n-th retry waits between half
+  // and all of min(cap, base * 2^n) seconds. Growth spares a server that is
+  // down; jitter spreads the clients of a restarted server over the window.
+  class Backoff {
+    constructor(base = 0.5, cap = 30) {
+      this.base = base;
+      this.cap = cap;
+      this.attempt = 0;
+    }
+    next() {
+      const ceiling = Math.min(this.cap, this.base * 2 ** Math.min(this.attempt, 32));
+      this.attempt += 1;
+      return ceiling / 2 + Math.random() * (ceiling / 2);
+    }
+    reset() {
+      this.attempt = 0;
+    }
+  }
+
+  // Pacing below the server's rate limit (20 frames/s, burst 40 by default):
+  // rejoining many rooms at once must not be answered `rate_limited`.
+  class Bucket {
+    constructor(rate = 10, burst = 20) {
+      this.rate = rate;
+      this.burst = burst;
+      this.tokens = burst;
+      this.at = performance.now() / 1000;
+    }
+    delay() {
+      const now = performance.now() / 1000;
+      this.tokens = Math.min(this.burst, this.tokens + (now - this.at) * this.rate);
+      this.at = now;
+      return this.tokens >= 1 ? 0 : (1 - this.tokens) / this.rate;
+    }
+    take() {
+      this.tokens -= 1;
+    }
+  }
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    status: $("status"),
+    login: $("login"),
+    loginForm: $("login-form"),
+    name: $("name"),
+    tokenNote: $("token-note"),
+    errors: $("errors"),
+    chat: $("chat"),
+    rooms: $("rooms"),
+    joinForm: $("join-form"),
+    room: $("room"),
+    title: $("room-title"),
+    messages: $("messages"),
+    older: $("older"),
+    composer: $("composer"),
+    message: $("message"),
+  };
+
+  const app = {
+    user: null,
+    token: null,
+    ws: null,
+    online: false,
+    everOpened: false, // "Reconnecting…" rather than "Connecting…"
+    resumed: false, // every room caught up on this connection
+    stopped: false, // a close after which reconnecting cannot help
+    rooms: new Map(), // name -> room state, in join order
+    current: null,
+    pending: new Map(), // ref -> {purpose, room}
+    outbox: [], // our messages not known to be stored
+    refs: 0,
+    locals: 0,
+    backoff: new Backoff(),
+    bucket: new Bucket(),
+    queue: [],
+    timers: { pump: null, retry: null, ping: null, pong: null },
+  };
+
+  // --- storage (a page reload keeps the name and the rooms) -----------------
+
+  function load(key, fallback) {
+    try {
+      const value = localStorage.getItem(key);
+      return value === null ? fallback : JSON.parse(value);
+    } catch {
+      return fallback;
+    }
+  }
+
+  function save(key, value) {
+    try {
+      localStorage.setItem(key, JSON.stringify(value));
+    } catch {
+      // private mode or storage full: the page works, it just won't remember
+    }
+  }
+
+  function saveRooms() {
+    save(`chat.rooms.${app.user}`, [...app.rooms.keys()]);
+  }
+
+  // --- status and errors -----------------------------------------------------
+
+  function setStatus(state, text) {
+    ui.status.dataset.state = state;
+    ui.status.textContent = text;
+    document.body.dataset.state = state;
+  }
+
+  function showError(code, message) {
+    const li = document.createElement("li");
+    li.className = "error";
+    li.dataset.code = code;
+    const text = document.createElement("span");
+    const strong = document.createElement("strong");
+    strong.textContent = code;
+    text.append(strong, `: ${message}`);
+    const close = document.createElement("button");
+    close.type = "button";
+    close.className = "dismiss";
+    close.setAttribute("aria-label", "Dismiss");
+    close.textContent = "×";
+    close.addEventListener("click", () => li.remove());
+    li.append(text, close);
+    ui.errors.append(li);
+    while (ui.errors.children.length > 5) ui.errors.firstElementChild.remove();
+  }
+
+  // --- rooms -----------------------------------------------------------------
+
+  function addRoom(name) {
+    const log = document.createElement("ol");
+    log.className = "log";
+    log.dataset.room = name;
+    log.hidden = true;
+    ui.messages.append(log);
+
+    const li = document.createElement("li");
+    li.dataset.room = name;
+    const pick = document.createElement("button");
+    pick.type = "button";
+    pick.className = "pick";
+    pick.dataset.room = name;
+    const label = document.createElement("span");
+    label.textContent = name;
+    const unread = document.createElement("span");
+    unread.className = "unread";
+    pick.append(label, unread);
+    pick.addEventListener("click", () => selectRoom(name));
+    const leave = document.createElement("button");
+    leave.type = "button";
+    leave.className = "leave";
+    leave.dataset.room = name;
+    leave.title = `Leave ${name}`;
+    leave.setAttribute("aria-label", `Leave ${name}`);
+    leave.textContent = "×";
+    leave.addEventListener("click", () => leaveRoom(name));
+    li.append(pick, leave);
+    ui.rooms.append(li);
+
+    li.dataset.phase = "offline";
+    const room = {
+      name,
+      cursor: null,
+      oldest: null,
+      seen: new Set(),
+      phase: "offline",
+      held: [],
+      start: false, // no older messages exist
+      loadingOlder: false,
+      unread: 0,
+      log,
+      item: li,
+    };
+    app.rooms.set(name, room);
+    return room;
+  }
+
+  // offline -> joining -> (backlog | catchup) -> live; shown as data-phase on the
+  // room's entry, so a reader (or a test) can tell a room that is caught up.
+  function setPhase(room, phase) {
+    room.phase = phase;
+    room.item.dataset.phase = phase;
+  }
+
+  function removeRoom(name) {
+    const room = app.rooms.get(name);
+    if (!room) return;
+    app.rooms.delete(name);
+    room.log.remove();
+    room.item.remove();
+    app.outbox = app.outbox.filter((item) => item.room !== name);
+    if (app.current === name) {
+      const rest = [...app.rooms.keys()];
+      selectRoom(rest.length ? rest[rest.length - 1] : null);
+    }
+    saveRooms();
+  }
+
+  function selectRoom(name) {
+    app.current = name;
+    for (const room of app.rooms.values()) {
+      const active = room.name === name;
+      room.log.hidden = !active;
+      room.item.classList.toggle("active", active);
+      if (active) {
+        room.unread = 0;
+        room.item.querySelector(".unread").textContent = "";
+      }
+    }
+    ui.title.textContent = name ? `#${name}` : "No room yet: join one";
+    ui.chat.dataset.room = name || "";
+    updateOlder();
+    scrollToBottom();
+  }
+
+  function updateOlder() {
+    const room = app.rooms.get(app.current);
+    ui.older.disabled = !room || room.phase !== "live" || room.start || room.loadingOlder;
+    ui.older.textContent = room && room.start ? `Start of #${room.name}` : "Load older messages";
+  }
+
+  function joinRoom(name) {
+    if (!NAME.test(name)) {
+      showError("bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ . : -");
+      return;
+    }
+    if (!app.rooms.has(name)) {
+      const room = addRoom(name);
+      saveRooms();
+      if (app.online) {
+        setPhase(room, "joining");
+        request("join", "join", name);
+      }
+    }
+    selectRoom(name);
+  }
+
+  function leaveRoom(name) {
+    if (app.online) request("leave", "leave", name);
+    removeRoom(name);
+  }
+
+  // --- messages --------------------------------------------------------------
+
+  function timeText(ts) {
+    if (!ts) return "";
+    return new Date(ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function render(room, user, body, ts) {
+    const li = document.createElement("li");
+    li.className = "msg";
+    li.dataset.room = room;
+    if (user === app.user) li.classList.add("mine");
+    const head = document.createElement("div");
+    head.className = "head";
+    const who = document.createElement("span");
+    who.className = "user";
+    who.textContent = user;
+    const when = document.createElement("time");
+    head.append(who, when);
+    const text = document.createElement("div");
+    text.className = "body";
+    text.textContent = body; // never innerHTML: bodies are other people's text
+    li.append(head, text);
+    stamp(li, null, ts);
+    return li;
+  }
+
+  function stamp(li, id, ts) {
+    if (id !== null) li.dataset.id = String(id);
+    const when = li.querySelector("time");
+    if (ts) {
+      when.dateTime = new Date(ts).toISOString();
+      when.title = new Date(ts).toLocaleString();
+      when.textContent = timeText(ts);
+    }
+  }
+
+  // Keep each log in id order; our pending messages (no id yet) stay at the end.
+  function place(room, li, id) {
+    let before = null;
+    for (let node = room.log.lastElementChild; node; node = node.previousElementSibling) {
+      const other = node.dataset.id === undefined ? Infinity : Number(node.dataset.id);
+      if (other < id) break;
+      before = node;
+    }
+    room.log.insertBefore(li, before);
+  }
+
+  function nearBottom() {
+    const box = ui.messages;
+    return box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  }
+
+  function scrollToBottom() {
+    ui.messages.scrollTop = ui.messages.scrollHeight;
+  }
+
+  // `past`: a backlog or older page, not news: no unread count, no scrolling.
+  function show(room, m, { past = false } = {}) {
+    const stick = nearBottom();
+    const li = render(m.room, m.user, m.body, m.ts);
+    stamp(li, m.id, m.ts);
+    place(room, li, m.id);
+    if (room.name !== app.current) {
+      if (!past) {
+        room.unread += 1;
+        room.item.querySelector(".unread").textContent = String(room.unread);
+      }
+    } else if (stick && !past) {
+      scrollToBottom();
+    }
+  }
+
+  // A message from the server (live, catch-up or history): shown once per (room, id).
+  function deliver(room, m, opts = {}) {
+    const past = Boolean(opts.past);
+    // Live messages and catch-up pages have no gaps between them, so the cursor
+    // follows them; a backlog or older page may hold a message whose live copy
+    // has not come yet, and must not move the cursor past a gap.
+    if (!past && (room.cursor === null || m.id > room.cursor)) room.cursor = m.id;
+    if (room.oldest === null || m.id < room.oldest) room.oldest = m.id;
+    if (room.seen.has(m.id)) return;
+    if (m.user === app.user) {
+      const i = app.outbox.findIndex(
+        (item) => item.state === "unconfirmed" && item.room === m.room && item.body === m.body,
+      );
+      if (i >= 0) {
+        const [item] = app.outbox.splice(i, 1);
+        confirm(room, item, m.id, m.ts); // its ack was lost, but here it is: stored
+        return;
+      }
+    }
+    room.seen.add(m.id);
+    show(room, m, opts);
+  }
+
+  function confirm(room, item, id, ts) {
+    if (room.seen.has(id)) {
+      item.el.remove();
+      return;
+    }
+    room.seen.add(id);
+    item.el.classList.remove("pending", "unconfirmed");
+    delete item.el.dataset.local;
+    stamp(item.el, id, ts);
+    place(room, item.el, id);
+  }
+
+  // --- our own messages --------------------------------------------------------
+
+  function say(body, roomName = app.current) {
+    const room = app.rooms.get(roomName);
+    if (!room) {
+      showError("not_member", "join a room first");
+      return;
+    }
+    const item = { local: ++app.locals, room: roomName, body, state: "queued", ref: null };
+    item.el = render(roomName, app.user, body, 0);
+    item.el.classList.add("pending");
+    item.el.dataset.local = String(item.local);
+    item.el.querySelector("time").textContent = "sending…";
+    room.log.append(item.el);
+    scrollToBottom();
+    app.outbox.push(item);
+    if (room.phase === "live") sendItem(item);
+  }
+
+  function sendItem(item) {
+    item.state = "sent";
+    item.el.classList.remove("unconfirmed");
+    item.ref = request("send", "send", item.room, { body: item.body });
+  }
+
+  function takeItem(ref) {
+    const i = app.outbox.findIndex((item) => item.state === "sent" && item.ref === ref);
+    return i >= 0 ? app.outbox.splice(i, 1)[0] : null;
+  }
+
+  function failItem(item, code, message) {
+    item.el.classList.remove("pending");
+    item.el.classList.add("failed");
+    item.el.dataset.code = code;
+    item.el.querySelector("time").textContent = "not sent";
+    const note = document.createElement("div");
+    note.className = "note";
+    note.textContent = `${code}: ${message} `;
+    const retry = document.createElement("button");
+    retry.type = "button";
+    retry.className = "retry";
+    retry.textContent = "Retry";
+    retry.addEventListener("click", () => {
+      item.el.remove();
+      say(item.body, item.room);
+    });
+    note.append(retry);
+    const stick = nearBottom();
+    item.el.append(note);
+    if (stick) scrollToBottom();
+  }
+
+  // --- the connection ----------------------------------------------------------
+
+  function wsUrl() {
+    const url = new URL("ws", location.href);
+    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    url.hash = "";
+    url.search = new URLSearchParams(app.token ? { token: app.token } : { user: app.user });
+    return url.href;
+  }
+
+  function connect() {
+    app.timers.retry = null;
+    setStatus("connecting", app.everOpened ? "Reconnecting…" : "Connecting…");
+    const ws = new WebSocket(wsUrl(), ["chat.v1"]);
+    app.ws = ws;
+    ws.onopen = () => opened(ws);
+    ws.onmessage = (event) => received(ws, event.data);
+    ws.onclose = (event) => closed(ws, event.code, event.reason);
+    ws.onerror = () => {}; // a close event follows with what there is to know
+  }
+
+  function opened(ws) {
+    if (ws !== app.ws) return;
+    app.online = true;
+    app.everOpened = true;
+    app.resumed = false;
+    app.bucket = new Bucket();
+    app.pending.clear();
+    setStatus("online", `Connected as ${app.user}`);
+    for (const room of app.rooms.values()) {
+      setPhase(room, "joining");
+      room.held = [];
+      request("join", "join", room.name);
+    }
+    checkResumed();
+    ping();
+  }
+
+  function closed(ws, code, reason) {
+    if (ws !== app.ws) return;
+    const wasOnline = app.online;
+    app.ws = null;
+    app.online = false;
+    app.queue = [];
+    app.pending.clear();
+    for (const name of ["pump", "ping", "pong"]) {
+      clearTimeout(app.timers[name]);
+      app.timers[name] = null;
+    }
+    for (const room of app.rooms.values()) {
+      setPhase(room, "offline");
+      room.held = [];
+      room.loadingOlder = false;
+    }
+    for (const item of app.outbox) {
+      if (item.state === "sent") {
+        item.state = "unconfirmed";
+        item.ref = null;
+        item.el.classList.add("unconfirmed");
+      }
+    }
+    updateOlder();
+    if (FATAL[code]) {
+      app.stopped = true;
+      setStatus("stopped", FATAL[code]);
+      showError(`closed ${code}`, FATAL[code]);
+      return;
+    }
+    const delay = app.backoff.next();
+    const why = wasOnline ? `Connection lost (${code}${reason ? ` ${reason}` : ""})` : "Cannot connect";
+    setStatus("offline", `${why}: reconnecting in ${delay.toFixed(1)} s`);
+    app.timers.retry = setTimeout(connect, delay * 1000);
+  }
+
+  // A dead network delivers no close: stop waiting for one, and reconnect now.
+  function drop(reason) {
+    const ws = app.ws;
+    if (!ws) return;
+    try {
+      ws.close(1000, reason);
+    } catch {
+      // already closing
+    }
+    closed(ws, 1006, reason);
+  }
+
+  function ping() {
+    clearTimeout(app.timers.ping);
+    app.timers.ping = setTimeout(() => {
+      if (!app.online) return;
+      request("ping", "ping", null);
+      app.timers.pong = setTimeout(() => drop("no answer to ping"), PONG_WAIT);
+    }, PING_EVERY);
+  }
+
+  function request(kind, purpose, room, fields = {}) {
+    const ref = `w${++app.refs}`;
+    app.pending.set(ref, { purpose, room });
+    const frame = { type: kind, ref };
+    if (room !== null) frame.room = room;
+    for (const [key, value] of Object.entries(fields)) {
+      if (value !== null && value !== undefined) frame[key] = value;
+    }
+    app.queue.push(JSON.stringify(frame));
+    pump();
+    return ref;
+  }
+
+  function pump() {
+    if (app.timers.pump) return;
+    while (app.queue.length && app.ws && app.ws.readyState === WebSocket.OPEN) {
+      const wait = app.bucket.delay();
+      if (wait > 0) {
+        app.timers.pump = setTimeout(() => {
+          app.timers.pump = null;
+          pump();
+        }, wait * 1000);
+        return;
+      }
+      app.bucket.take();
+      app.ws.send(app.queue.shift());
+    }
+  }
+
+  // A connection counts as a success once every room is back and caught up:
+  // one whose catch-up keeps failing keeps backing off.
+  function checkResumed() {
+    if (app.online && !app.resumed && [...app.rooms.values()].every((r) => r.phase === "live")) {
+      app.resumed = true;
+      app.backoff.reset();
+    }
+  }
+
+  // --- frames from the server ------------------------------------------------------
+
+  function received(ws, data) {
+    if (ws !== app.ws) return;
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (!frame || typeof frame !== "object") return;
+    const ref = typeof frame.ref === "string" ? frame.ref : null;
+    const asked = ref && app.pending.get(ref);
+    if (asked) app.pending.delete(ref);
+    const { purpose, room: roomName } = asked || {};
+    switch (frame.type) {
+      case "message":
+        onMessage(frame);
+        break;
+      case "joined":
+        if (purpose === "join") onJoined(roomName, frame.last_id);
+        break;
+      case "history":
+        if (purpose) onHistory(purpose, roomName, frame);
+        break;
+      case "ack": {
+        const item = ref && takeItem(ref);
+        const room = item && app.rooms.get(item.room);
+        if (room) confirm(room, item, frame.id, frame.ts);
+        break;
+      }
+      case "pong":
+        clearTimeout(app.timers.pong);
+        app.timers.pong = null;
+        ping();
+        break;
+      case "kicked":
+        if (app.rooms.has(frame.room)) {
+          removeRoom(frame.room);
+          showError("kicked", `removed from ${frame.room} (${frame.reason})`);
+        }
+        break;
+      case "error":
+        onError(purpose, roomName, ref, frame);
+        break;
+      default:
+        break; // `left`, and frame types this page does not know
+    }
+    checkResumed();
+  }
+
+  function onMessage(m) {
+    const room = app.rooms.get(m.room);
+    if (!room || typeof m.id !== "number") return;
+    if (room.phase === "live") deliver(room, m);
+    else if (room.phase !== "offline") room.held.push(m);
+  }
+
+  function onJoined(name, lastId) {
+    const room = app.rooms.get(name);
+    if (!room) return; // left before the join was answered
+    const last = typeof lastId === "number" ? lastId : null;
+    if (room.cursor === null) {
+      // First join: what is there already is the past (the backlog, and older
+      // pages on request); only what comes after last_id must not be missed.
+      room.cursor = last || 0;
+      if (last) {
+        setPhase(room, "backlog");
+        request("history", "backlog", name, { limit: BACKLOG });
+        return;
+      }
+      room.start = true;
+    } else if (last !== null && last > room.cursor) {
+      setPhase(room, "catchup");
+      request("history", "catchup", name, { after: room.cursor, limit: PAGE });
+      return;
+    }
+    goLive(room);
+  }
+
+  function onHistory(purpose, name, frame) {
+    const room = app.rooms.get(name);
+    if (!room) return;
+    const messages = Array.isArray(frame.messages) ? frame.messages : [];
+    if (purpose === "older") {
+      const box = ui.messages;
+      const fromBottom = box.scrollHeight - box.scrollTop;
+      for (const m of messages) deliver(room, m, { past: true });
+      if (room.name === app.current) box.scrollTop = box.scrollHeight - fromBottom; // stay put
+      room.loadingOlder = false;
+      if (!frame.more) room.start = true;
+      updateOlder();
+      return;
+    }
+    for (const m of messages) deliver(room, m, { past: purpose === "backlog" });
+    if (purpose === "backlog" && !frame.more) room.start = true;
+    if (purpose === "catchup" && frame.more && messages.length) {
+      const after = messages[messages.length - 1].id;
+      request("history", "catchup", name, { after, limit: PAGE });
+      return;
+    }
+    goLive(room);
+  }
+
+  function goLive(room) {
+    setPhase(room, "live");
+    const held = room.held.sort((a, b) => a.id - b.id);
+    room.held = [];
+    for (const m of held) deliver(room, m);
+    // Unconfirmed messages not found in the catch-up were not stored: again.
+    for (const item of app.outbox) {
+      if (item.room === room.name && (item.state === "unconfirmed" || item.state === "queued")) {
+        sendItem(item);
+      }
+    }
+    if (room.name === app.current) {
+      updateOlder();
+      scrollToBottom();
+    }
+  }
+
+  function onError(purpose, name, ref, frame) {
+    const code = String(frame.code);
+    const message = String(frame.message);
+    if (purpose === "join" && app.rooms.has(name)) {
+      showError(code, `join ${name}: ${message}`);
+      if (code === "unavailable" || code === "rate_limited") drop(`join ${name}: ${code}`);
+      else removeRoom(name); // refused for good: not rejoined
+    } else if (purpose === "backlog" || purpose === "catchup") {
+      showError(code, `history of ${name}: ${message}`);
+      drop(`catch-up of ${name}: ${code}`); // reconnect later and try again
+    } else if (purpose === "send") {
+      const item = takeItem(ref);
+      if (item) failItem(item, code, message);
+      showError(code, message);
+    } else {
+      if (purpose === "older") {
+        const room = app.rooms.get(name);
+        if (room) room.loadingOlder = false;
+        updateOlder();
+      }
+      showError(code, message);
+    }
+  }
+
+  // --- start -------------------------------------------------------------------------
+
+  function tokenSubject(token) {
+    try {
+      const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      const json = decodeURIComponent(
+        [...atob(part)].map((c) => `%${c.charCodeAt(0).toString(16).padStart(2, "0")}`).join(""),
+      );
+      const sub = JSON.parse(json).sub;
+      return typeof sub === "string" ? sub : null;
+    } catch {
+      return null;
+    }
+  }
+
+  function start(user, token) {
+    app.user = user;
+    app.token = token;
+    ui.login.hidden = true;
+    ui.chat.hidden = false;
+    for (const name of load(`chat.rooms.${user}`, [])) {
+      if (NAME.test(name) && !app.rooms.has(name)) addRoom(name);
+    }
+    const first = app.rooms.keys().next();
+    selectRoom(first.done ? null : first.value);
+    connect();
+    (app.current ? ui.message : ui.room).focus();
+  }
+
+  ui.loginForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const name = ui.name.value.trim();
+    if (!NAME.test(name)) {
+      showError("bad_request", "name must be 1-64 characters of A-Z a-z 0-9 _ . : -");
+      return;
+    }
+    save("chat.name", name);
+    start(name, null);
+  });
+
+  ui.joinForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    joinRoom(ui.room.value.trim());
+    ui.room.value = "";
+    ui.message.focus();
+  });
+
+  ui.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const body = ui.message.value;
+    if (!body.trim()) return;
+    say(body);
+    ui.message.value = "";
+  });
+
+  ui.older.addEventListener("click", () => {
+    const room = app.rooms.get(app.current);
+    if (!room || room.phase !== "live" || room.start || room.loadingOlder) return;
+    room.loadingOlder = true;
+    updateOlder();
+    request("history", "older", room.name, { before: room.oldest, limit: OLDER });
+  });
+
+  // A reader at the bottom stays there when the view shrinks (a phone's keyboard).
+  let stuck = true;
+  ui.messages.addEventListener("scroll", () => {
+    stuck = nearBottom();
+  });
+  window.addEventListener("resize", () => {
+    if (stuck) scrollToBottom();
+  });
+
+  // Back online (a phone leaving a tunnel): don't wait out the backoff.
+  window.addEventListener("online", () => {
+    if (app.user && !app.ws && !app.stopped) {
+      clearTimeout(app.timers.retry);
+      app.backoff.reset();
+      connect();
+    }
+  });
+
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get("token");
+  if (token) {
+    const sub = tokenSubject(token);
+    ui.loginForm.hidden = true;
+    ui.tokenNote.hidden = false;
+    ui.tokenNote.textContent = `Signed in with a token${sub ? ` as ${sub}` : ""}.`;
+    start(sub || "", token);
+  } else {
+    ui.name.value = load("chat.name", "");
+    ui.name.focus();
+  }
+})();
