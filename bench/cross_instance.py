@@ -155,6 +155,12 @@ def cpu_times() -> dict[str, tuple[float, float]]:
 def raise_fd_limit(needed: int) -> None:
     """Each connection is a descriptor in the generator and in server B."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:  # raising the hard limit needs root (CAP_SYS_RESOURCE); children inherit it
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, needed))
+            hard = needed
+        except (ValueError, OSError):
+            pass
     want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
