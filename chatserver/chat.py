@@ -68,7 +68,7 @@ class Chat:
         self._broker = broker
         self._clock = clock
         self.registry = registry
-        self.users: dict[str, set[Connection]] = {}
+        self.users: dict[str, list[Connection]] = {}  # a list: most users have one
         self.errors: Counter[str] = Counter()
         self.frames = 0
         self.sends = 0
@@ -85,7 +85,7 @@ class Chat:
         conn.tokens = float(self._config.rate_burst)
         conn.tokens_at = self._clock.seconds()
         conn.strikes = 0
-        self.users.setdefault(conn.user, set()).add(conn)
+        self.users.setdefault(conn.user, []).append(conn)
 
     def _rate_ok(self, conn: Connection) -> bool:
         now = self._clock.seconds()
@@ -145,8 +145,8 @@ class Chat:
         for room in rooms:
             self.registry.leave(conn, room)
         same_user = self.users.get(conn.user)
-        if same_user is not None:
-            same_user.discard(conn)
+        if same_user is not None and conn in same_user:
+            same_user.remove(conn)
             if not same_user:
                 del self.users[conn.user]
 

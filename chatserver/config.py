@@ -170,7 +170,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "slow_client_timeout": (0.1, 3600),
     "send_buffer_grace": (0, 60),
     "ping_interval": (0, 86400),
-    "ping_timeout": (1, 3600),  # Autobahn's ping timers are only accurate to ~1 s
+    "ping_timeout": (1, 3600),  # pings are checked on a shared tick of up to 1 s
     "drain_seconds": (0, 3600),
     "redis_keepalive": (0.05, 3600),
     "redis_timeout": (0.05, 600),

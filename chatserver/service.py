@@ -177,6 +177,7 @@ class ChatServerService(MultiService):
     def startService(self) -> None:
         self._start_broker()
         super().startService()
+        self.factory.start_pings()
         for listener in self.listeners:
             if listener.port is not None:
                 self.log.info(
@@ -190,6 +191,7 @@ class ChatServerService(MultiService):
 
     async def _stop(self) -> None:
         self.draining = True
+        self.factory.stop_pings()
         await super().stopService()  # listeners stop accepting
         count = len(self.factory.connections)
         spread = self.config.drain_seconds if count > 1 else 0.0
