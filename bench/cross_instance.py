@@ -76,6 +76,13 @@ def server_argv(server: str, port: int, redis_url: str, database_url: str) -> li
     """The command line of one server under test: chatserver, or a peer to compare with."""
     if server == "autobahn":
         return [sys.executable, str(PEERS / "autobahn_broadcast.py"), str(port)]
+    if server == "channels":
+        python = PEERS / "channels" / ".venv" / "bin" / "python"
+        if not python.exists():
+            raise RuntimeError(
+                "the channels peer needs its virtualenv: see bench/peers/channels/requirements.txt"
+            )
+        return [str(python), str(PEERS / "channels" / "run.py"), str(port), redis_url, database_url]
     if server == "node":
         if not (PEERS / "node" / "node_modules" / "ws").is_dir():
             raise RuntimeError("the node peer needs its package: cd bench/peers/node && npm ci")
@@ -786,7 +793,8 @@ def report(
     pinning = "servers CPU 0, generator CPU 1 (taskset)" if pin else "none"
     head = (
         f"server={args.server} instances={args.instances}"
-        f" store={args.store if args.server == 'chatserver' else '-'} rooms={args.rooms}"
+        f" store={args.store if args.server in ('chatserver', 'channels') else '-'}"
+        f" rooms={args.rooms}"
         f" members={args.members} rate={args.rate:g}/s "
         f"window={window:.2f}s; pinning: {pinning}\n"
         f"members' drain: {m['drain']:.2f}s, ended: {m['drain_end']};"
@@ -986,7 +994,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--server",
-        choices=("chatserver", "autobahn", "node"),
+        choices=("chatserver", "autobahn", "node", "channels"),
         default="chatserver",
         help="what to measure: chatserver (Redis and the store on), or a peer in bench/peers/"
         " (one in-memory process; implies --instances 1)",
