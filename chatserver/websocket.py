@@ -220,6 +220,9 @@ class ChatProtocol(WebSocketServerProtocol):
         self._writable = True
         # The handshake's leftovers are not needed once open: a few KB per connection.
         self.http_request_data = self.http_response_data = self.http_headers = None
+        self.http_request_params = self.http_request_uri = self.http_request_path = None
+        self.http_request_host = self.http_status_line = self.websocket_origin = None
+        self.websocket_protocols = self.websocket_extensions = None
         self.data = b""
         if not self.send_queue:
             self.send_queue = _SendQueue()  # Autobahn's deque: 760 bytes, unused by us
