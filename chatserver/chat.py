@@ -39,7 +39,7 @@ class Connection(Protocol):
     # room -> None once joined, or the Deferred of a join still in progress.
     rooms: dict[str, Deferred[int] | None]
     bad_frames: int
-    connected: bool
+    chat_open: bool  # the WebSocket is open: frames may be sent
     # Token bucket for the frame rate, and rate-limited frames in a row.
     tokens: float
     tokens_at: float
@@ -208,7 +208,7 @@ class Chat:
         def joined(result: Any) -> Any:
             if conn.rooms.get(room, False) is None:
                 action(conn, frame)
-            elif conn.connected:
+            elif conn.chat_open:
                 self._error(conn, wire.NOT_MEMBER, f"join {room} did not complete", ref)
             return result
 
@@ -241,7 +241,7 @@ class Chat:
             raise AccessDenied(f"you are banned from {room}")
         if access.private and not access.member and room not in conn.granted:
             raise AccessDenied(f"{room} is private")
-        if room not in conn.rooms or not conn.connected:
+        if room not in conn.rooms or not conn.chat_open:
             return None  # left (or gone) meanwhile; _joined sorts it out
         return self.registry.join(conn, room)
 
@@ -259,10 +259,10 @@ class Chat:
             else:
                 self._error(conn, wire.UNAVAILABLE, f"could not join {room}; try again", frame.ref)
             return None
-        if room not in conn.rooms or not conn.connected:
+        if room not in conn.rooms or not conn.chat_open:
             # Left (or gone) while the join was under way.
             self.registry.leave(conn, room)
-            if conn.connected:
+            if conn.chat_open:
                 self._error(
                     conn, wire.NOT_MEMBER, f"left {room} before the join completed", frame.ref
                 )
@@ -287,7 +287,7 @@ class Chat:
 
     def _stored(self, message: StoredMessage, conn: Connection, frame: wire.Send) -> None:
         # The ack goes out before the message itself reaches anyone.
-        if conn.connected:
+        if conn.chat_open:
             conn.send_frame(
                 wire.reply("ack", frame.ref, room=message.room, id=message.id, ts=message.ts)
             )
@@ -296,7 +296,7 @@ class Chat:
     def _not_stored(self, failure: Failure, conn: Connection, frame: wire.Send) -> None:
         if not failure.check(StoreUnavailable):
             self.log.failure("storing a message failed", failure)
-        if conn.connected:
+        if conn.chat_open:
             reason = str(failure.value) if failure.check(StoreUnavailable) else "storage failed"
             self._error(conn, wire.UNAVAILABLE, reason, frame.ref)
 
@@ -305,7 +305,7 @@ class Chat:
 
         def done(result: tuple[list[StoredMessage], bool]) -> None:
             messages, more = result
-            if conn.connected:
+            if conn.chat_open:
                 conn.send_frame(
                     wire.reply(
                         "history",
@@ -321,7 +321,7 @@ class Chat:
         def failed(failure: Failure) -> None:
             if not failure.check(StoreUnavailable):
                 self.log.failure("reading history failed", failure)
-            if conn.connected:
+            if conn.chat_open:
                 self._error(conn, wire.UNAVAILABLE, "history is unavailable; try again", frame.ref)
 
         d.addCallbacks(done, failed)
