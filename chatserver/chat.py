@@ -178,6 +178,25 @@ class Chat:
         if op == "kick" and isinstance(room, str) and isinstance(user, str):
             self._apply_kick(room, user, str(reason))
 
+    async def recheck_bans(self) -> None:
+        """After a broker outage: apply bans whose control message may have been lost.
+
+        Kicks and bans travel on the control channel; what was published while
+        Redis was away is kept and published again, up to redis_republish_max,
+        and is lost if the instance that issued it stopped. Bans are stored, so
+        the store is the authority: every local user's bans are applied again.
+        """
+        users = list(self.users)
+        if not users:
+            return
+        try:
+            bans = await self._store.bans_of(users)
+        except StoreUnavailable:
+            self.log.warn("could not re-check bans after a broker outage: store unavailable")
+            return
+        for room, user in bans:
+            self._apply_kick(room, user, "banned")
+
     def _apply_kick(self, room: str, user: str, reason: str) -> None:
         for conn in list(self.users.get(user, ())):
             if room == EVERYWHERE:

@@ -163,12 +163,15 @@ class ChatServerService(MultiService):
     def ports(self) -> list[int]:
         return [lst.port.getHost().port for lst in self.listeners if lst.port is not None]
 
+    def _resync(self) -> None:
+        """The broker is back after an outage: catch up on messages, then on bans."""
+        self.registry.resync()
+        Deferred.fromCoroutine(self.chat.recheck_bans())
+
     def _start_broker(self) -> None:
         if not self._broker_started:
             self._broker_started = True
-            self.broker.start(
-                self.registry.on_broker_message, self.registry.resync, self.chat.on_control
-            )
+            self.broker.start(self.registry.on_broker_message, self._resync, self.chat.on_control)
 
     def privilegedStartService(self) -> None:
         self._start_broker()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
@@ -177,3 +178,26 @@ async def test_kick_works_with_the_memory_broker(make_server):
     await http_json(server.port, "POST", "/admin/rooms/r/kick", {"user": "mallory"}, key=KEY)
     assert (await m.recv(timeout=1.0))["type"] == "kicked"
     assert await m.drain_to_pong() == []
+
+
+@pytest.mark.redis
+@ensure
+async def test_a_ban_issued_during_a_redis_outage_reaches_the_other_instance(make_server, redis):
+    """The control message is lost (nothing kept to republish); the stored ban is not."""
+    from test_redis import all_lost
+
+    a, b = await two_instances(make_server, redis, redis_republish_max=0, redis_keepalive=0.2)
+    mallory = await connect(b.port, "mallory")
+    await mallory.join("r")
+    redis.kill()
+    await all_lost(a)
+    await all_lost(b)
+    status, _ = await http_json(
+        a.port, "POST", "/admin/bans", {"user": "mallory", "room": "r"}, key=KEY
+    )
+    assert status == 200
+    back = b.broker.when_connected()
+    redis.restart()
+    await back.addTimeout(30, reactor)
+    assert await mallory.recv() == {"type": "kicked", "room": "r", "reason": "banned"}
+    assert b.chat.kicks == 1

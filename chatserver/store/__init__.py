@@ -60,6 +60,9 @@ class Store(Protocol):
 
     def banned_everywhere(self, user: str) -> Deferred[bool]: ...
 
+    def bans_of(self, users: list[str]) -> Deferred[list[tuple[str, str]]]:
+        """(room, user) for every ban of these users; room EVERYWHERE is global."""
+
     def set_room(self, room: str, private: bool) -> Deferred[None]: ...
 
     def set_member(self, room: str, user: str, member: bool) -> Deferred[None]: ...

@@ -397,6 +397,21 @@ class SQLStore:
 
         return self._read(q)
 
+    def bans_of(self, users: list[str]) -> Deferred[list[tuple[str, str]]]:
+        chunks = [users[i : i + 500] for i in range(0, len(users), 500)]
+        sql = self._dialect.sql
+
+        def q(txn: Any) -> list[tuple[str, str]]:
+            found: list[tuple[str, str]] = []
+            for chunk in chunks:
+                marks = ",".join(["%s"] * len(chunk))
+                query = f"SELECT room, username FROM bans WHERE username IN ({marks})"
+                txn.execute(sql(query), chunk)
+                found += [(row[0], row[1]) for row in txn.fetchall()]
+            return found
+
+        return self._read(q)
+
     def _change(self, statement: str, args: tuple) -> Deferred[None]:
         sql = self._dialect.sql(statement)
 
