@@ -14,6 +14,16 @@ import sys
 from chatserver.config import ConfigError, load
 
 
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML configuration file")
@@ -28,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatserver-admin: {e}", file=sys.stderr)
         return 2
     if args.command == "migrate":
+        # Say which database: without --config or the environment this is the
+        # SQLite default, which is rarely what an operator meant to migrate.
+        print(f"database: {_without_password(config.database_url)}")
         if config.is_sqlite:
             from chatserver.store import sqlite
 

@@ -53,6 +53,12 @@ def _origin_key(origin: str) -> str | None:
     return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
+def _text(reason: str | bytes | None) -> str:
+    if isinstance(reason, bytes):
+        return reason.decode("utf-8", "replace")
+    return reason or ""
+
+
 class OriginPolicy:
     """Cross-site WebSocket hijacking: only listed browser origins may connect."""
 
@@ -139,8 +145,8 @@ class ChatProtocol(WebSocketServerProtocol):
         factory: ChatFactory = self.factory
         factory.rejected[reason] += 1
         log.info(
-            "handshake from {peer} refused ({status}): {reason}",
-            peer=request.peer,
+            "handshake from {address} refused ({status}): {reason}",
+            address=self.address or request.peer,
             status=status,
             reason=reason,
         )
@@ -149,16 +155,16 @@ class ChatProtocol(WebSocketServerProtocol):
 
     async def _admit(self, request: Any) -> str | None:
         factory: ChatFactory = self.factory
+        peer = self.transport.getPeer()
+        self.address = factory.proxies.client_address(
+            getattr(peer, "host", ""), request.headers.get("x-forwarded-for")
+        )
         if not factory.origins.allows(request.headers.get("origin")):
             raise self._deny(403, "origin not allowed", request)
         try:
             identity = factory.authenticator.authenticate(request.params)
         except auth.AuthError as e:
             raise self._deny(e.status, e.reason, request) from None
-        peer = self.transport.getPeer()
-        self.address = factory.proxies.client_address(
-            getattr(peer, "host", ""), request.headers.get("x-forwarded-for")
-        )
         config = factory.config
         if factory.by_address[self.address] >= config.max_connections_per_ip:
             raise self._deny(429, "too many connections from this address", request)
@@ -259,7 +265,7 @@ class ChatProtocol(WebSocketServerProtocol):
             address=self.address,
             duration=factory.clock.seconds() - self.opened_at,
             code=self.localCloseCode if self.closedByMe and self.localCloseCode else code,
-            reason=reason or "",
+            reason=_text(self.localCloseReason if self.closedByMe else reason),
         )
         for waiter in factory.pop_close_waiters(self):
             waiter.callback(None)

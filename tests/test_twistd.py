@@ -153,6 +153,7 @@ async def test_json_logs_one_object_per_line_with_connection_fields(tmp_path):
         ("alice", "127.0.0.1", "info")
     ]
     assert closed[0]["user"] == "alice" and closed[0]["code"] == 1001
+    assert closed[0]["reason"] == "server shutting down"  # ours, since we closed
     assert isinstance(closed[0]["duration"], float)
     assert "a secret body" not in proc.output.decode()
 
