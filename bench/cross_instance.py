@@ -213,6 +213,33 @@ class Stats:
         self.errors: Counter[str] = Counter()
         self.closed_during_run: Counter[str] = Counter()
 
+    def delivered(
+        self, last: int | None, mid: int, now: float, sent_at: float | None
+    ) -> int | None:
+        """Count message ``mid`` arriving at a member whose last id was ``last``.
+
+        ``sent_at`` is its send time if it was sent in the measured window.
+        Returns the member's last id after it.
+        """
+        self.arrivals += 1
+        if self.window_start <= now < self.window_end:
+            self.arrivals_in_window += 1
+        second = int(now - self.t0) if self.t0 else 0
+        timeline = self.timeline
+        while len(timeline) <= second:
+            timeline.append(0)
+        timeline[second] += 1
+        if last is not None:
+            if mid <= last:
+                self.duplicates += 1
+                return last
+            if mid != last + 1:
+                self.gaps += mid - last - 1
+        if sent_at is not None:
+            self.received += 1
+            self.latency.append(now - sent_at)
+        return mid
+
 
 class Peer:
     """One benchmark connection: a room member on B or a room's sender on A."""
@@ -271,27 +298,9 @@ class Peer:
         """A delivery: order check, then latency if it was sent in the window."""
         now = time.time()
         msg = json.loads(payload)
-        stats.arrivals += 1
-        if stats.window_start <= now < stats.window_end:
-            stats.arrivals_in_window += 1
-        second = int(now - stats.t0) if stats.t0 else 0
-        timeline = stats.timeline
-        while len(timeline) <= second:
-            timeline.append(0)
-        timeline[second] += 1
-        mid = msg["id"]
-        last = self.last_id
-        if last is not None:
-            if mid <= last:
-                stats.duplicates += 1
-                return
-            if mid != last + 1:
-                stats.gaps += mid - last - 1
-        self.last_id = mid
         sent_at, window, _ = msg["body"].split("|")
-        if window == "1":
-            stats.received += 1
-            stats.latency.append(now - float(sent_at))
+        sent = float(sent_at) if window == "1" else None
+        self.last_id = stats.delivered(self.last_id, msg["id"], now, sent)
 
 
 def cpu_now() -> float:

@@ -15,53 +15,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import resource
 import sys
 import time
-from array import array
-from collections import Counter
 from typing import Any
 
 import uvloop
+from cross_instance import DRAIN_IDLE, WARMUP, Stats, cpu_now, emit, percentile
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-WARMUP = 2.0
-DRAIN_IDLE = 3.0
 CONNECT_CONCURRENCY = 200
 _ID = re.compile(rb'"id":(\d+)')
 _BODY = re.compile(rb'"body":"([0-9.e+-]+)\|([01])\|')
-
-
-def emit(event: str, **data: Any) -> None:
-    print(json.dumps({"event": event, **data}), flush=True)
-
-
-def cpu_now() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    k = min(len(values) - 1, max(0, round(p / 100 * len(values)) - 1))
-    return values[k]
-
-
-class Stats:
-    def __init__(self) -> None:
-        self.phase = "setup"
-        self.received = 0
-        self.latency = array("d")
-        self.arrivals = 0
-        self.arrivals_in_window = 0
-        self.timeline: list[int] = []
-        self.t0 = 0.0
-        self.window_start = self.window_end = float("inf")
-        self.duplicates = 0
-        self.gaps = 0
-        self.errors: Counter[str] = Counter()
-        self.closed_during_run: Counter[str] = Counter()
 
 
 class Member(WSListener):
@@ -92,28 +56,10 @@ class Member(WSListener):
         payload = frame.get_payload_as_bytes()
         stats = self.stats
         if payload.startswith(b'{"type":"message"'):
-            now = time.time()
-            stats.arrivals += 1
-            if stats.window_start <= now < stats.window_end:
-                stats.arrivals_in_window += 1
-            second = int(now - stats.t0) if stats.t0 else 0
-            timeline = stats.timeline
-            while len(timeline) <= second:
-                timeline.append(0)
-            timeline[second] += 1
-            mid = int(_ID.search(payload).group(1))
-            last = self.last_id
-            if last is not None:
-                if mid <= last:
-                    stats.duplicates += 1
-                    return
-                if mid != last + 1:
-                    stats.gaps += mid - last - 1
-            self.last_id = mid
             body = _BODY.search(payload)
-            if body is not None and body.group(2) == b"1":
-                stats.received += 1
-                stats.latency.append(now - float(body.group(1)))
+            sent = float(body.group(1)) if body and body.group(2) == b"1" else None
+            mid = int(_ID.search(payload).group(1))
+            self.last_id = stats.delivered(self.last_id, mid, time.time(), sent)
             return
         msg = json.loads(payload)
         kind = msg.get("type")

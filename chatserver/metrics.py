@@ -60,15 +60,7 @@ class ServerCollector:
         errors = CounterMetricFamily(
             PREFIX + "errors", "Error frames sent to clients, by code.", labels=["code"]
         )
-        for code in (
-            wire.BAD_FRAME,
-            wire.BAD_REQUEST,
-            wire.NOT_MEMBER,
-            wire.FORBIDDEN,
-            wire.RATE_LIMITED,
-            wire.TOO_LARGE,
-            wire.UNAVAILABLE,
-        ):
+        for code in wire.ERROR_CODES:
             errors.add_metric([code], chat.errors[code])
         yield errors
         yield _counter(

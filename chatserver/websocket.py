@@ -237,7 +237,7 @@ class ChatProtocol(WebSocketServerProtocol):
         # Whoever had the transport before (the HTTP channel) lets go of it first.
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
-        self._direct = isinstance(self.transport, tcp.Connection) and self.factory.direct_writes
+        self._direct = isinstance(self.transport, tcp.Connection)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.chat.handle(self, payload, isBinary)
@@ -412,7 +412,6 @@ class ChatFactory(WebSocketServerFactory):
         self.by_user: Counter[str] = Counter()  # handshakes in progress and open connections
         self.rejected: Counter[str] = Counter()
         self.dropped_slow = 0
-        self.direct_writes = True
         self.traffic = TrafficStats()  # shared by all connections, see onOpen
         self.ping_timeouts = 0
         self._pinger = LoopingCall(self._sweep_pings)

@@ -27,6 +27,16 @@ FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 TOO_LARGE = "too_large"
 UNAVAILABLE = "unavailable"
+# Every error code the protocol defines.
+ERROR_CODES = (
+    BAD_FRAME,
+    BAD_REQUEST,
+    NOT_MEMBER,
+    FORBIDDEN,
+    RATE_LIMITED,
+    TOO_LARGE,
+    UNAVAILABLE,
+)
 
 
 class FrameError(Exception):

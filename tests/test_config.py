@@ -88,3 +88,12 @@ def test_readme_names_every_setting():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [name for name in SETTINGS if f"`{name}`" not in readme]
     assert missing == []
+
+
+def test_admin_names_the_database_without_its_password():
+    from chatserver.admin import _without_password
+
+    assert _without_password("postgresql://chat:s3cret@db:5432/chat") == (
+        "postgresql://chat:***@db:5432/chat"
+    )
+    assert _without_password("sqlite:///chatserver.sqlite3") == "sqlite:///chatserver.sqlite3"

@@ -26,15 +26,7 @@ from chatserver import wire
 
 ensure = pytest_twisted.ensureDeferred
 
-PROTOCOL_CODES = {
-    wire.BAD_FRAME,
-    wire.BAD_REQUEST,
-    wire.NOT_MEMBER,
-    wire.FORBIDDEN,
-    wire.RATE_LIMITED,
-    wire.TOO_LARGE,
-    wire.UNAVAILABLE,
-}
+PROTOCOL_CODES = set(wire.ERROR_CODES)
 PARSE_CODES = {wire.BAD_FRAME, wire.BAD_REQUEST, wire.TOO_LARGE}
 KINDS = ["join", "leave", "send", "history", "ping"]
 REPLY = {"join": "joined", "leave": "left", "send": "ack", "history": "history", "ping": "pong"}

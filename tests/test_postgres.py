@@ -351,3 +351,16 @@ async def test_bodies_with_tabs_newlines_and_backslashes_round_trip(pg_url):
     assert [(m.id, m.user, m.body) for m in page] == [(m.id, m.user, m.body) for m in stored]
     assert [m.body for m in page] == bodies and not more
     await store.close()
+
+
+@ensure
+async def test_bans_of_many_users_in_one_read(pg_url):
+    """What an instance re-reads after a broker outage: every ban of its local users."""
+    store = open_store(Config(database_url=pg_url, db_pool_size=1), reactor)
+    await store.set_ban("r", "u3", True)
+    await store.set_ban("", "u700", True)  # everywhere
+    await store.set_ban("r", "not-local", True)
+    users = [f"u{i}" for i in range(1200)]  # more than one chunk of the IN list
+    assert sorted(await store.bans_of(users)) == [("", "u700"), ("r", "u3")]
+    assert await store.bans_of([]) == []
+    await store.close()

@@ -29,6 +29,17 @@ def instances(make_server, redis_url: str, n: int, **settings):
     return [make_server(redis_url=redis_url, **settings) for _ in range(n)]
 
 
+async def alice_on_a_bob_on_b(make_server, redis, **settings):
+    """Two instances on ``redis``; alice on A and bob on B, both in room "r"."""
+    a, b = instances(make_server, redis.url, 2, **settings)
+    await ready(a, b)
+    ca = await connect(a.port, "alice")
+    cb = await connect(b.port, "bob")
+    await ca.join("r")
+    await cb.join("r")
+    return a, b, ca, cb
+
+
 async def ready(*servers) -> None:
     await gatherResults([s.broker.when_connected().addTimeout(15, reactor) for s in servers])
 
@@ -184,12 +195,7 @@ async def test_redis_killed_and_restarted_flow_resumes_without_reconnecting(make
 @ensure
 async def test_a_long_outage_is_filled_from_the_store_page_by_page(make_server, redis):
     """No republish: only the store can bring B's member what it missed, over many pages."""
-    a, b = instances(make_server, redis.url, 2, redis_republish_max=0)
-    await ready(a, b)
-    ca = await connect(a.port, "alice")
-    cb = await connect(b.port, "bob")
-    await ca.join("r")
-    await cb.join("r")
+    a, b, ca, cb = await alice_on_a_bob_on_b(make_server, redis, redis_republish_max=0)
     redis.kill()
     await all_lost(a)
     await all_lost(b)
@@ -208,12 +214,7 @@ async def test_a_long_outage_is_filled_from_the_store_page_by_page(make_server, 
 @ensure
 async def test_idle_timeout_never_surfaces(make_server, redis):
     redis.command("CONFIG", "SET", "timeout", "1")
-    a, b = instances(make_server, redis.url, 2, redis_keepalive=0.3)
-    await ready(a, b)
-    ca = await connect(a.port, "alice")
-    cb = await connect(b.port, "bob")
-    await ca.join("r")
-    await cb.join("r")
+    a, b, ca, cb = await alice_on_a_bob_on_b(make_server, redis, redis_keepalive=0.3)
     # Idle for longer than Redis' timeout: the point of the test is time passing.
     await task.deferLater(reactor, 2.5, lambda: None)
     await ca.request({"type": "send", "room": "r", "body": "after a quiet spell"})
@@ -295,12 +296,9 @@ async def test_a_hung_redis_is_noticed_and_left_behind(make_server, redis):
     import os
     import signal
 
-    a, b = instances(make_server, redis.url, 2, redis_keepalive=0.2, redis_timeout=0.5)
-    await ready(a, b)
-    ca = await connect(a.port, "alice")
-    cb = await connect(b.port, "bob")
-    await ca.join("r")
-    await cb.join("r")
+    a, b, ca, cb = await alice_on_a_bob_on_b(
+        make_server, redis, redis_keepalive=0.2, redis_timeout=0.5
+    )
     lost = wait_event(b, "lost")
     os.kill(redis.pid, signal.SIGSTOP)  # like a network cut: no FIN, no RST
     try:
@@ -342,3 +340,19 @@ async def test_a_failed_auth_does_not_stop_reconnecting_for_good(make_server, re
 async def all_lost(server) -> None:
     while server.broker.live_connections():
         await wait_event(server, "lost")
+
+
+@ensure
+async def test_a_message_stored_during_shutdown_still_reaches_the_other_instance(
+    make_server, redis
+):
+    """Stopping flushes the store before it stops the broker, so what is stored last is
+    published too, live, to members on other instances."""
+    a, _, ca, cb = await alice_on_a_bob_on_b(make_server, redis)
+    await ca.close()
+    posted = a.chat.post("r", "system", "said as A stops")  # queued, not yet stored
+    stopping = a.stopService()
+    message = await posted
+    got = await cb.expect("message")
+    assert (got["id"], got["body"]) == (message.id, "said as A stops")
+    await stopping

@@ -17,16 +17,6 @@ from servers import PostgresServer, RedisReplyError, RedisServer, free_port
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
 def tls_redis_server() -> Iterator[RedisServer]:
     server = RedisServer(tls=True)
     try:
@@ -53,48 +43,48 @@ def test_free_port_is_bindable() -> None:
         sock.bind(("127.0.0.1", port))
 
 
-def test_redis_starts_and_answers(redis_server: RedisServer) -> None:
-    assert redis_server.running
-    assert redis_server.command("PING") == "PONG"
-    assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
-    assert redis_server.command("SET", "k", "v") == "OK"
-    assert redis_server.command("GET", "k") == "v"
-    assert redis_server.command("GET", "missing") is None
-    assert redis_server.command("PUBSUB", "NUMSUB", "room") == ["room", 0]
-    assert "cmd=client" in redis_server.command("CLIENT", "LIST")
+def test_redis_starts_and_answers(redis: RedisServer) -> None:
+    assert redis.running
+    assert redis.command("PING") == "PONG"
+    assert redis.url == f"redis://127.0.0.1:{redis.port}/0"
+    assert redis.command("SET", "k", "v") == "OK"
+    assert redis.command("GET", "k") == "v"
+    assert redis.command("GET", "missing") is None
+    assert redis.command("PUBSUB", "NUMSUB", "room") == ["room", 0]
+    assert "cmd=client" in redis.command("CLIENT", "LIST")
 
 
-def test_redis_error_reply_raises(redis_server: RedisServer) -> None:
+def test_redis_error_reply_raises(redis: RedisServer) -> None:
     with pytest.raises(RedisReplyError, match="unknown command"):
-        redis_server.command("NOSUCHCOMMAND")
+        redis.command("NOSUCHCOMMAND")
 
 
-def test_redis_config_set_timeout(redis_server: RedisServer) -> None:
-    assert redis_server.command("CONFIG", "SET", "timeout", "7") == "OK"
-    assert redis_server.command("CONFIG", "GET", "timeout") == ["timeout", "7"]
+def test_redis_config_set_timeout(redis: RedisServer) -> None:
+    assert redis.command("CONFIG", "SET", "timeout", "7") == "OK"
+    assert redis.command("CONFIG", "GET", "timeout") == ["timeout", "7"]
 
 
-def test_redis_kill_and_restart_same_port(redis_server: RedisServer) -> None:
-    port = redis_server.port
-    redis_server.command("SET", "k", "v")
-    redis_server.kill()
-    assert not redis_server.running
+def test_redis_kill_and_restart_same_port(redis: RedisServer) -> None:
+    port = redis.port
+    redis.command("SET", "k", "v")
+    redis.kill()
+    assert not redis.running
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         pass
-    redis_server.restart()
-    assert redis_server.port == port
-    assert redis_server.command("PING") == "PONG"
+    redis.restart()
+    assert redis.port == port
+    assert redis.command("PING") == "PONG"
     # Persistence is off, so a restarted server comes back empty.
-    assert redis_server.command("GET", "k") is None
+    assert redis.command("GET", "k") is None
 
 
-def test_redis_stop_and_restart(redis_server: RedisServer) -> None:
-    port = redis_server.port
-    redis_server.stop()
-    assert not redis_server.running
-    redis_server.restart()
-    assert redis_server.port == port
-    assert redis_server.command("PING") == "PONG"
+def test_redis_stop_and_restart(redis: RedisServer) -> None:
+    port = redis.port
+    redis.stop()
+    assert not redis.running
+    redis.restart()
+    assert redis.port == port
+    assert redis.command("PING") == "PONG"
 
 
 def test_redis_password() -> None:

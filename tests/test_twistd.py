@@ -156,6 +156,8 @@ async def test_json_logs_one_object_per_line_with_connection_fields(tmp_path):
     assert closed[0]["reason"] == "server shutting down"  # ours, since we closed
     assert isinstance(closed[0]["duration"], float)
     assert "a secret body" not in proc.output.decode()
+    # The server raised its own open-files limit and said what it is.
+    assert any(r["message"].startswith("open files limit: ") for r in records)
 
 
 def spawn_activated(sock: socket.socket, tmp_path: Path) -> Twistd:
