@@ -65,18 +65,27 @@ class DeadlineChannel(HTTPChannel):
         self._disarm()
         super().connectionLost(reason)
 
+    def upgraded_protocol(self) -> Any:
+        """The protocol that took the transport over in a WebSocket upgrade."""
+        raw = self._raw
+        proto = raw.wrappedProtocol if isinstance(raw, ProtocolWrapper) else raw.protocol
+        if isinstance(proto, ProtocolWrapper):
+            proto = proto.wrappedProtocol
+        return proto
+
+    def upgraded(self) -> None:
+        """The WebSocket opened in time. Without the pending timer nothing holds
+        this channel, its request and headers (a few KB) any longer."""
+        self._disarm()
+        self._raw = None
+
     def _expired(self) -> None:
         self._timer = None
         raw = self._raw
         if not getattr(raw, "connected", False):
             return
-        if self.transport is None:
-            # Upgraded: the WebSocket protocol has the transport now.
-            proto = raw.wrappedProtocol if isinstance(raw, ProtocolWrapper) else raw.protocol
-            if isinstance(proto, ProtocolWrapper):
-                proto = proto.wrappedProtocol
-            if getattr(proto, "chat_open", False):
-                return
+        if self.transport is None and getattr(self.upgraded_protocol(), "chat_open", False):
+            return
         self.site.handshake_timeouts += 1
         log.info("handshake from {peer} timed out", peer=str(raw.getPeer()))
         raw.abortConnection()
@@ -127,7 +136,13 @@ class UpgradeResource(WebSocketResource):
             request.setHeader(b"upgrade", b"websocket")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"This is a WebSocket endpoint: connect with a WebSocket client.\n"
-        return super().render(request)
+        channel = request.channel
+        result = super().render(request)
+        if isinstance(channel, DeadlineChannel) and channel.transport is None:
+            proto = channel.upgraded_protocol()
+            if getattr(proto, "chat_open", None) is False:
+                proto.handshake_channel = channel
+        return result
 
 
 class JSONResource(Resource):
