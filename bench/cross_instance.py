@@ -883,7 +883,7 @@ def run(args: argparse.Namespace) -> int:
         redis = servers.RedisServer()
         redis.start()
         if args.store == "postgres":
-            pg = servers.PostgresServer()
+            pg = servers.PostgresServer(durable=True)  # fsync on, as in production
             pg.start()
             database_url = pg.create_database("chatbench")
             migrate = subprocess.run(

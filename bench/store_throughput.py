@@ -271,6 +271,7 @@ async def run(reactor: IReactorTime, args: argparse.Namespace, postgres_url: str
             config = Config(
                 database_url=database_url_for(setup, postgres_url, scratch),
                 db_pool_size=setup.pool,
+                store_writers=setup.pool,  # every connection writes: the pool's ceiling
                 store_batch_max=setup.batch_max,
                 store_queue_max=QUEUE_MAX,
             )
@@ -290,37 +291,7 @@ def start_postgres() -> Any:
     sys.path.insert(0, str(REPO / "tests"))
     import servers
 
-    class DurablePostgresServer(servers.PostgresServer):
-        def start(self) -> None:
-            # PostgresServer.start with fsync on; command-line -c settings beat
-            # ALTER SYSTEM, so this cannot be changed after the fact.
-            if self._running:
-                return
-            if not self._initialized:
-                self._initdb()
-            options = (
-                f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} "
-                "-c fsync=on -c synchronous_commit=on -c max_connections=50"
-            )
-            timeout = servers.START_TIMEOUT
-            result = self._run(
-                "pg_ctl",
-                "-D",
-                str(self.data_dir),
-                "-o",
-                options,
-                "-l",
-                str(self.log_file),
-                "-w",
-                "-t",
-                str(int(timeout)),
-                "start",
-                timeout=timeout + 5,
-            )
-            self._check(result, "pg_ctl start")
-            self._running = True
-
-    server = DurablePostgresServer()
+    server = servers.PostgresServer(durable=True)
     try:
         server.start()
     except BaseException:

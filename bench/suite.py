@@ -4,9 +4,9 @@ For each server (chatserver with Postgres and Redis on, the bare Autobahn
 broadcast peer, the Node.js ``ws`` peer) it runs ``cross_instance.py`` at
 rising message rates on the 10 rooms x 100 members shape, one sender per
 room, and reports per server the highest deliveries/s that kept every
-delivery (0 lost) with p99 under 50 ms (interactive) and under 250 ms (bulk),
-plus every run's row. Stepping stops for a server once a run loses deliveries
-or its p99 passes a second.
+delivery (0 lost) with p99 under 50 ms (interactive) and under 250 ms (bulk)
+at that step and every step below it, plus every run's row. Stepping stops
+for a server once a run loses deliveries or its p99 passes a second.
 
     python bench/suite.py [--servers chatserver,autobahn,node] [--rates 100,200,...]
 
@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_RATES = "100,200,300,400,500,600,700,800,1000"
+DEFAULT_RATES = "200,400,600,800,1000,1200,1400,1600,1800,2000"
+GENERATOR_BOUND = 90.0
 
 
 def run_one(server: str, rate: int, seconds: float) -> dict[str, float] | None:
@@ -79,7 +80,10 @@ def main() -> int:
     print("| server | sent/s | deliveries/s | p50 ms | p99 ms | lost | server CPU % | gen % |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for server in args.servers.split(","):
-        best = {50.0: 0.0, 250.0: 0.0}
+        # Per bound: the last step of an unbroken run of passing steps from the
+        # lowest rate; one noisy pass above a failed step doesn't count.
+        best = {50.0: (0.0, 0.0), 250.0: (0.0, 0.0)}
+        broken: set[float] = set()
         for rate in rates:
             row = run_one(server, rate, args.seconds)
             if row is None:
@@ -90,16 +94,31 @@ def main() -> int:
                 flush=True,
             )
             for bound in best:
+                if bound in broken:
+                    continue
                 if row["lost"] == 0 and row["p99"] < bound:
-                    best[bound] = max(best[bound], row["deliveries"])
+                    best[bound] = (row["deliveries"], row["gen"])
+                else:
+                    broken.add(bound)
             if row["lost"] > 0 or row["p99"] > 1000:
                 break
         summary.append((server, best[50.0], best[250.0]))
     print()
     print("| server | deliveries/s, 0 lost, p99 < 50 ms | deliveries/s, 0 lost, p99 < 250 ms |")
     print("|---|---:|---:|")
+
+    def cell(result: tuple[float, float]) -> str:
+        deliveries, gen = result
+        return f"{deliveries:,.0f}{' *' if gen >= GENERATOR_BOUND else ''}"
+
     for server, interactive, bulk in summary:
-        print(f"| {server} | {interactive:,.0f} | {bulk:,.0f} |")
+        print(f"| {server} | {cell(interactive)} | {cell(bulk)} |")
+    print()
+    print(
+        "Each figure is the last step of an unbroken series of passing steps. "
+        f"* the generator was at {GENERATOR_BOUND:.0f}% or more of its core in that step: "
+        "a floor for the server, not its limit."
+    )
     return 0
 
 

@@ -103,6 +103,11 @@ class Config:
         "sqlite:///PATH (relative to the working directory) or postgresql://...",
     )
     db_pool_size: int = _setting(4, "Database connections (fixed; SQLite always uses 1).")
+    store_writers: int = _setting(
+        1,
+        "Transactions storing messages at once, out of db_pool_size; the rest serve reads."
+        " Raise it when commits wait on a slow disk or a distant database.",
+    )
     redis_url: str | None = _setting(None, "redis:// or rediss:// URL; unset = in-memory broker.")
     redis_tls_ca_file: str | None = _setting(
         None, "PEM CA bundle to verify the Redis server (rediss://); unset = system CAs."
@@ -151,6 +156,7 @@ class Config:
 
 _RANGES: dict[str, tuple[float, float]] = {
     "db_pool_size": (1, 1000),
+    "store_writers": (1, 1000),
     "max_body_chars": (1, 1_000_000),
     "max_frame_bytes": (256, 64 * 1024 * 1024),
     "max_rooms_per_connection": (1, 100_000),
@@ -199,6 +205,10 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"allowed_origins: {origin!r} must look like https://host[:port]")
     if not c.listen:
         raise ConfigError("listen: at least one endpoint is needed")
+    if c.store_writers > c.db_pool_size:
+        raise ConfigError(
+            f"store_writers = {c.store_writers}: must not exceed db_pool_size ({c.db_pool_size})"
+        )
     scheme = urlsplit(c.database_url).scheme
     if scheme not in ("sqlite", "postgresql", "postgres"):
         raise ConfigError(

@@ -486,14 +486,17 @@ def find_postgres_bindir() -> Path:
 class PostgresServer:
     """A private PostgreSQL cluster on 127.0.0.1 with trust auth and fsync off.
 
-    initdb refuses to run as root, so under root the cluster is created and
-    controlled as the ``postgres`` system user via ``runuser``.
+    ``durable=True`` turns fsync and synchronous commit on, for benchmarks
+    whose numbers must hold for a production database. initdb refuses to run
+    as root, so under root the cluster is created and controlled as the
+    ``postgres`` system user via ``runuser``.
     """
 
     host = "127.0.0.1"
     user = "postgres"
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable
         self.bindir = find_postgres_bindir()
         self.port = free_port()
         self._as_root = os.geteuid() == 0
@@ -584,9 +587,11 @@ class PostgresServer:
             return
         if not self._initialized:
             self._initdb()
+        # Command-line settings beat ALTER SYSTEM: a test cannot make it durable.
+        sync = "-c fsync=on -c synchronous_commit=on" if self.durable else "-c fsync=off"
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} "
-            "-c fsync=off -c max_connections=200"
+            f"{sync} -c max_connections=200"
         )
         result = self._run(
             "pg_ctl",

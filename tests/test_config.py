@@ -43,6 +43,8 @@ def test_precedence_file_env_cli(tmp_path):
         ({"CHATSERVER_DATABASE_URL": "mysql://x"}, "database_url"),
         ({"CHATSERVER_REDIS_URL": "http://x"}, "redis_url"),
         ({"CHATSERVER_GAP_TIMEOUT": "0"}, "gap_timeout"),
+        ({"CHATSERVER_STORE_WRITERS": "0"}, "store_writers"),
+        ({"CHATSERVER_DB_POOL_SIZE": "2", "CHATSERVER_STORE_WRITERS": "3"}, "store_writers"),
     ],
 )
 def test_bad_settings_are_named(env, named):

@@ -320,7 +320,7 @@ async def test_store_queue_bound_fails_fast_with_unavailable(pg_url):
 @ensure
 async def test_two_stores_many_rooms_ids_gap_free_per_room(pg_url):
     """Batches spanning many rooms reserve every room's ids in one statement, in one order."""
-    config = Config(database_url=pg_url, db_pool_size=3, store_batch_max=50)
+    config = Config(database_url=pg_url, db_pool_size=3, store_writers=3, store_batch_max=50)
     stores = [open_store(config, reactor), open_store(config, reactor)]
     rooms = [f"r{i}" for i in range(25)]
     n = 2000
@@ -363,4 +363,25 @@ async def test_bans_of_many_users_in_one_read(pg_url):
     users = [f"u{i}" for i in range(1200)]  # more than one chunk of the IN list
     assert sorted(await store.bans_of(users)) == [("", "u700"), ("r", "u3")]
     assert await store.bans_of([]) == []
+    await store.close()
+
+
+@ensure
+async def test_reads_do_not_queue_behind_writes(pg_url):
+    """One writer in a pool of two: history answers while every write waits on a lock."""
+    store = open_store(Config(database_url=pg_url, db_pool_size=2, store_writers=1), reactor)
+    await gatherResults([store.append("a", "u", "first"), store.append("b", "u", "first")])
+    locker = psycopg2.connect(pg_url)
+    locker.cursor().execute("SELECT 1 FROM rooms WHERE name IN ('a', 'b') FOR UPDATE")
+    try:
+        writes = [store.append("a", "u", "second"), store.append("b", "u", "second")]
+        # With both connections writing, this read would wait for the lock too.
+        page, _ = await store.history("a", None, 0, 10).addTimeout(10, reactor)
+        assert [m.body for m in page] == ["first"]
+        assert not any(w.called for w in writes)
+    finally:
+        locker.rollback()
+        locker.close()
+    stored = await gatherResults(writes)
+    assert [(m.room, m.id) for m in stored] == [("a", 2), ("b", 2)]
     await store.close()

@@ -28,4 +28,6 @@ def open_store(config: Config, clock: IReactorTime) -> SQLStore:
         return sqlite.open_store(config.database_url, clock, **limits)
     from chatserver.store import postgres
 
-    return postgres.open_store(config.database_url, clock, config.db_pool_size, **limits)
+    return postgres.open_store(
+        config.database_url, clock, config.db_pool_size, config.store_writers, **limits
+    )

@@ -99,7 +99,18 @@ def migrate_database(url: str, log: Any = None) -> list[int]:
         connection.close()
 
 
-def open_store(url: str, clock: IReactorTime, pool_size: int, **limits: Any) -> SQLStore:
+def open_store(
+    url: str, clock: IReactorTime, pool_size: int, writers: int, **limits: Any
+) -> SQLStore:
+    """A store on ``pool_size`` connections, ``writers`` of which may store at once.
+
+    One writer is the default: while its transaction commits, new messages
+    gather and the next transaction takes them all. More writers start more,
+    smaller transactions, each with its own commit, thread hand-off and
+    round trips: measured on a fast disk, one writer gave lower latency at
+    lower CPU. The connections not writing keep joins and history reads from
+    queueing behind writes.
+    """
     pool = adbapi.ConnectionPool(
         "psycopg2",
         _dsn(url),
@@ -108,4 +119,4 @@ def open_store(url: str, clock: IReactorTime, pool_size: int, **limits: Any) -> 
         cp_reconnect=True,
         cp_noisy=False,
     )
-    return SQLStore(pool, PostgresDialect(), clock, writers=pool_size, **limits)
+    return SQLStore(pool, PostgresDialect(), clock, writers=min(writers, pool_size), **limits)
