@@ -7,6 +7,7 @@ into metric families only when /metrics is fetched.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,6 +126,28 @@ class ServerCollector:
             "redis_subscribed_rooms",
             "Room channels this instance subscribes to.",
             getattr(broker, "subscribed_rooms", len(getattr(broker, "rooms", ()))),
+        )
+        pauses = s.gc_pauses
+        gc_seconds = CounterMetricFamily(
+            PREFIX + "gc_pause_seconds",
+            "Time the process stood still in garbage collection, by generation.",
+            labels=["generation"],
+        )
+        gc_count = CounterMetricFamily(
+            PREFIX + "gc_collections", "Garbage collections, by generation.", labels=["generation"]
+        )
+        for generation in range(3):
+            gc_seconds.add_metric([str(generation)], pauses.seconds[generation])
+            gc_count.add_metric([str(generation)], pauses.collections[generation])
+        yield gc_seconds
+        yield gc_count
+        yield _gauge(
+            "gc_longest_pause_seconds", "Longest garbage collection pause.", pauses.longest
+        )
+        yield _gauge(
+            "gc_frozen_objects",
+            "Objects from start-up kept out of garbage collection.",
+            gc.get_freeze_count(),
         )
         admin = getattr(s, "admin", None)
         if admin is not None:

@@ -21,6 +21,7 @@ from chatserver.admin_api import AdminAPI
 from chatserver.broker.memory import MemoryBroker, MemoryHub
 from chatserver.chat import Chat
 from chatserver.config import Config
+from chatserver.gcstats import GCPauses
 from chatserver.metrics import MetricsResource
 from chatserver.rooms import RoomRegistry
 from chatserver.store.open import open_store, prepare
@@ -92,6 +93,7 @@ class ChatServerService(MultiService):
         self.store = open_store(config, reactor)
         self.broker = self._make_broker(hub)
         self.factory = ChatFactory(config, reactor, self.store)
+        self.gc_pauses = GCPauses()
         self.registry = RoomRegistry(
             self.store, self.broker, self.factory.prepareMessage, reactor, config.gap_timeout
         )
@@ -181,6 +183,7 @@ class ChatServerService(MultiService):
         self._start_broker()
         super().startService()
         self.factory.start_pings()
+        self.gc_pauses.install()
         for listener in self.listeners:
             if listener.port is not None:
                 self.log.info(
@@ -195,6 +198,7 @@ class ChatServerService(MultiService):
     async def _stop(self) -> None:
         self.draining = True
         self.factory.stop_pings()
+        self.gc_pauses.uninstall()
         await super().stopService()  # listeners stop accepting
         count = len(self.factory.connections)
         spread = self.config.drain_seconds if count > 1 else 0.0

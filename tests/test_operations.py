@@ -147,3 +147,15 @@ async def test_a_peer_that_stops_answering_pings_is_dropped(make_server):
     values = await metrics(server.port)
     assert values[("chatserver_clients_dropped_total", (("reason", "ping_timeout"),))] == 1
     quiet.proto.transport.abortConnection()
+
+
+@ensure
+async def test_garbage_collection_pauses_are_counted(server):
+    import gc
+
+    key = ("chatserver_gc_collections_total", (("generation", "2"),))
+    before = await metrics(server.port)
+    gc.collect()
+    after = await metrics(server.port)
+    assert after[key] >= before[key] + 1
+    assert after[("chatserver_gc_pause_seconds_total", (("generation", "2"),))] > 0

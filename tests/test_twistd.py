@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
-from wsclient import TIMEOUT, connect
+from wsclient import TIMEOUT, connect, http_get
 
 ensure = pytest_twisted.ensureDeferred
 BIN = Path(sys.executable).parent
@@ -67,6 +67,10 @@ async def test_twistd_serves_and_stops_cleanly_on_sigterm(tmp_path):
     ack = await a.request({"type": "send", "room": "r", "body": "from a process"})
     assert ack["type"] == "ack"
     assert (await b.expect("message"))["body"] == "from a process"
+    # What start-up built is kept out of garbage collection (see chatserver.gcstats).
+    code, body = await http_get(port, "/metrics")
+    frozen = re.search(rb"^chatserver_gc_frozen_objects (\S+)$", body, re.M)
+    assert code == 200 and frozen and float(frozen.group(1)) > 10_000, body[-500:]
     proc.transport.signalProcess("TERM")
     assert await a.wait_closed() == 1001
     assert await proc.ended.addTimeout(TIMEOUT, reactor) == 0, proc.output.decode()

@@ -89,9 +89,17 @@ class ChatServerMaker:
 
     def makeService(self, options: Options) -> MultiService:
         from twisted.internet import reactor
+        from twisted.logger import Logger
 
+        from chatserver.gcstats import freeze_startup_objects
         from chatserver.service import ChatServerService
         from chatserver.store import SchemaError
+
+        def freeze() -> None:
+            frozen = freeze_startup_objects()
+            Logger().info(
+                "{frozen} objects from start-up kept out of garbage collection", frozen=frozen
+            )
 
         def exit_zero_after_clean_stop() -> None:
             # twistd re-raises SIGTERM after a clean shutdown, so the process would
@@ -99,6 +107,7 @@ class ChatServerMaker:
             reactor._exitSignal = None
 
         reactor.addSystemEventTrigger("after", "shutdown", exit_zero_after_clean_stop)
+        reactor.callWhenRunning(freeze)
         raise_open_files_limit()
         try:
             return ChatServerService(options.config, reactor)
