@@ -18,7 +18,7 @@ def freeze_startup_objects() -> int:
 
     Modules, classes and the service's own objects live as long as the
     process, and are most of the heap: measured under load, a full collection
-    took 25-31 ms with them and about 10 ms without.
+    took up to 31 ms with them and about 10 ms without.
     """
     gc.collect()
     gc.freeze()
