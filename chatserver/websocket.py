@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatserver import auth, wire
+from chatserver import auth, resting, wire
 from chatserver.chat import Chat
 from chatserver.config import Config
 from chatserver.store import Store, StoreUnavailable
@@ -104,95 +104,6 @@ class ProxyPolicy:
         return hops[0] if hops else peer
 
 
-# What most of Autobahn's ~80 per-connection attributes hold on an open
-# connection between frames. They become class attributes of ChatProtocol, and
-# ``compact()`` drops instance values equal to them: an idle connection's
-# instance dict then holds only what is its own.
-_AT_REST: dict[str, Any] = {
-    **dict.fromkeys(
-        (
-            "_transport_details",  # read by Autobahn only up to onOpen
-            "_wskey",
-            "_perMessageCompress",
-            "trackedTimings",
-            "wasNotCleanReason",
-            "localCloseCode",
-            "localCloseReason",
-            "remoteCloseCode",
-            "remoteCloseReason",
-            "openHandshakeTimeoutCall",
-            "closeHandshakeTimeoutCall",
-            "autoPingTimeoutCall",
-            "autoPingPending",
-            "autoPingPendingCall",
-            "autoPingPendingSent",
-            "http_request_data",
-            "http_status_line",
-            "http_headers",
-            "http_request_uri",
-            "http_request_path",
-            "http_request_params",
-            "http_request_host",
-            "http_response_data",
-            "websocket_protocols",
-            "websocket_origin",
-            "websocket_extensions",
-            "websocket_protocol_in_use",
-            "current_frame",
-            "message_data",
-            "frame_data",
-        ),
-        None,
-    ),
-    **dict.fromkeys(
-        (
-            "triggered",
-            "wasMaxFramePayloadSizeExceeded",
-            "wasMaxMessagePayloadSizeExceeded",
-            "closedByMe",
-            "failedByMe",
-            "droppedByMe",
-            "wasClean",
-            "wasServerConnectionDropTimeout",
-            "wasOpenHandshakeTimeout",
-            "wasCloseHandshakeTimeout",
-            "wasServingFlashSocketPolicyFile",
-            "inside_message",
-            "_isMessageCompressed",
-            "message_is_binary",
-        ),
-        False,
-    ),
-    "data": b"",
-    "autoPingPendingSeq": 0,
-    "send_state": WebSocketServerProtocol.SEND_STATE_GROUND,
-    "state": WebSocketServerProtocol.STATE_OPEN,
-    "websocket_version": 13,
-    "utf8validateIncomingCurrentMessage": True,
-    # Set afresh when a frame or message starts; not read between messages.
-    "utf8validateLast": (True, True, 0, 0),
-    "frame_length": 0,
-    "message_data_total_length": 0,
-    # Queues Autobahn fills only for chopped or synced sends, which we never
-    # make; the empty tuple fails loudly should that change.
-    "send_queue": (),
-    "websocket_extensions_in_use": (),
-}
-_DROP_WHEN_EMPTY = ("send_queue", "websocket_extensions_in_use")
-# Autobahn's event mixin reads these only once listeners are registered (we
-# register none).
-_EVENT_STATE = ("_results", "_valid_events")
-# Per-message state, dropped only between messages.
-_BETWEEN_MESSAGES = (
-    "current_frame_masker",
-    "utf8validateLast",
-    "frame_length",
-    "message_data_total_length",
-)
-_IMMUTABLE = (type(None), bool, int, float, str, bytes, tuple, frozenset)
-_MISSING = object()
-
-
 @implementer(IPushProducer)
 class ChatProtocol(WebSocketServerProtocol):
     user = ""
@@ -215,8 +126,6 @@ class ChatProtocol(WebSocketServerProtocol):
     _direct = False  # plain TCP: deliveries may go straight to the socket
     _queued = 0
     handshake_channel: Any = None  # the HTTP channel whose deadline covers our handshake
-    current_frame_masker: Any = None
-    _valid_events = _results = None  # Autobahn's event mixin; we register no listeners
 
     # -- handshake ----------------------------------------------------------
 
@@ -329,32 +238,8 @@ class ChatProtocol(WebSocketServerProtocol):
         self.compact()
 
     def compact(self) -> None:
-        """Drop instance attributes that hold their class's value (see ``_AT_REST``).
-
-        Autobahn keeps about 80 attributes per connection, most of them flags
-        and ``None`` once the connection is open: without them an idle
-        connection's dict is a third of the size. Called when the connection
-        opens and before each ping, never while a frame is being parsed.
-        """
-        attrs = self.__dict__
-        between = attrs.get("current_frame") is None and not attrs.get("inside_message")
-        cls = type(self)
-        lean = {}
-        for name, value in attrs.items():
-            if between and name in _BETWEEN_MESSAGES:
-                continue
-            at_rest = getattr(cls, name, _MISSING)
-            if value is at_rest:
-                continue
-            if type(value) is type(at_rest) and type(value) in _IMMUTABLE and value == at_rest:
-                continue
-            if name in _DROP_WHEN_EMPTY and not value:
-                continue
-            if name in _EVENT_STATE and attrs.get("_listeners") is None:
-                continue
-            lean[name] = value
-        if len(lean) < len(attrs):
-            self.__dict__ = lean
+        """Called when the connection opens and before each ping, never mid-frame."""
+        resting.compact(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.chat.handle(self, payload, isBinary)
@@ -508,8 +393,7 @@ class ChatProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
 
 
-for _name, _value in _AT_REST.items():
-    setattr(ChatProtocol, _name, _value)
+resting.install(ChatProtocol)
 
 
 class ChatFactory(WebSocketServerFactory):

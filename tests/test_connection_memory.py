@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+from collections import deque
 
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientProtocol
@@ -12,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from wsclient import Client, connect
 
+from chatserver import resting
 from chatserver.web import DeadlineChannel
 
 ensure = pytest_twisted.ensureDeferred
@@ -88,3 +90,33 @@ async def test_a_compacted_connection_keeps_every_guarantee(make_server):
     await next_ping(b)
     b.send_raw(b'{"type": "ping", "ref": "\xff"}')
     assert await b.wait_closed() == 1007
+
+
+class _Resting:
+    pass
+
+
+resting.install(_Resting)
+
+
+def test_compact_drops_resting_values_and_keeps_the_rest():
+    obj = _Resting()
+    obj.__dict__.update(
+        state=_Resting.state,  # equal to the class value: goes
+        closedByMe=True,  # differs: stays
+        send_queue=deque(),  # empty queue: goes
+        rooms={},  # a connection's own mutable state: stays, even empty
+        current_frame=None,
+        inside_message=False,
+        frame_length=43,  # per-message, between messages: goes
+    )
+    resting.compact(obj)
+    assert sorted(obj.__dict__) == ["closedByMe", "rooms"]
+    assert obj.state == _Resting.state and obj.send_queue == ()
+
+
+def test_compact_keeps_message_state_while_a_message_is_being_parsed():
+    obj = _Resting()
+    obj.__dict__.update(current_frame=object(), inside_message=True, frame_length=43)
+    resting.compact(obj)
+    assert obj.__dict__["frame_length"] == 43 and obj.inside_message is True
