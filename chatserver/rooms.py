@@ -13,7 +13,7 @@ id order, however the broker behaves.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -33,7 +33,8 @@ class Member(Protocol):
 
     user: str
 
-    def deliver(self, prepared: Any) -> None: ...
+    def deliver(self, frame: bytes) -> None:
+        """``frame`` is the message on the wire, built once for every member."""
 
 
 class Room:
@@ -67,7 +68,7 @@ class RoomRegistry:
         self,
         store: Store,
         broker: Broker,
-        prepare: Callable[[bytes], Any],
+        prepare: Callable[[bytes], bytes],  # JSON payload -> its frame on the wire
         clock: IReactorTime,
         gap_timeout: float,
     ) -> None:
@@ -182,9 +183,9 @@ class RoomRegistry:
         room.last_id = message_id
         if not room.members:
             return
-        prepared = self._prepare(frame)
+        data = self._prepare(frame)
         for member in tuple(room.members):
-            member.deliver(prepared)
+            member.deliver(data)
         self.delivered += len(room.members)
 
     def _drain(self, room: Room) -> None:

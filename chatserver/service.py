@@ -95,7 +95,7 @@ class ChatServerService(MultiService):
         self.factory = ChatFactory(config, reactor, self.store)
         self.gc_pauses = GCPauses()
         self.registry = RoomRegistry(
-            self.store, self.broker, self.factory.prepareMessage, reactor, config.gap_timeout
+            self.store, self.broker, self.factory.wire_frame, reactor, config.gap_timeout
         )
         self.chat = Chat(config, self.store, self.registry, self.broker, reactor)
         self.factory.chat = self.chat

@@ -33,6 +33,7 @@ from chatserver.config import Config
 from chatserver.store import Store, StoreUnavailable
 
 CLOSE_GOING_AWAY = 1001
+_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
 CLOSE_TOKEN_EXPIRED = 4001
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -282,16 +283,33 @@ class ChatProtocol(WebSocketServerProtocol):
     # -- outgoing, bounded ------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        if not self._writable or self.state != self.STATE_OPEN:
+        """Send ``data`` now if nothing is queued ahead of it, else queue it (bounded).
+
+        This runs once per member per message, so the common case is kept to
+        one call and a few lookups. Twisted's ``write`` buffers and registers
+        for writability, then sends on the next loop pass and unregisters: two
+        ``epoll_ctl`` calls around each ``send``, most of a delivery's cost.
+        When Twisted has nothing buffered, the socket gets the frame at once;
+        what it doesn't take goes through ``write`` as before, after anything
+        already buffered, so order is kept.
+        """
+        if not self._writable or self.state != _STATE_OPEN:
+            return
+        if self._queue is None and self._paused_since is None:
+            t = self.transport
+            if self._direct and not t._tempDataLen and not t.dataBuffer and t.connected:
+                if t.disconnecting or t._writeDisconnected:
+                    return
+                try:
+                    sent = t.socket.send(data)
+                except OSError:  # EAGAIN and EINTR too; Twisted's write reports real errors
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            t.write(data)
             return
         queue = self._queue
-        if self._paused_since is None and not queue:
-            if self._direct:
-                data = self._send_now(data)
-                if not data:
-                    return
-            self.transport.write(data)
-            return
         if queue is None:
             queue = self._queue = deque()
         queue.append(data)
@@ -306,28 +324,6 @@ class ChatProtocol(WebSocketServerProtocol):
                 self._over_timer = self.factory.clock.callLater(
                     config.send_buffer_grace, self._still_over
                 )
-
-    def _send_now(self, data: bytes) -> bytes:
-        """Hand ``data`` to the socket at once if nothing is buffered ahead of it.
-
-        Twisted's ``write`` buffers and registers for writability, then sends
-        on the next loop pass and unregisters: two ``epoll_ctl`` calls around
-        each ``send``. For a delivery to an idle socket that is most of its
-        cost. What the socket doesn't take goes through ``write`` as before;
-        anything already buffered goes first, so order is kept.
-        """
-        t = self.transport
-        if t._tempDataLen or len(t.dataBuffer) > t.offset or not t.connected:
-            return data
-        if t.disconnecting or t._writeDisconnected:
-            return b""
-        try:
-            sent = t.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            return data
-        except OSError:
-            return data  # Twisted's own write path notices and reports the error
-        return data[sent:]
 
     def _still_over(self) -> None:
         self._over_timer = None
@@ -380,12 +376,11 @@ class ChatProtocol(WebSocketServerProtocol):
     # -- chat.Connection ------------------------------------------------------
 
     def send_frame(self, data: bytes) -> None:
-        if self.chat_open:
-            self._write(self.factory.prepareMessage(data).payloadHybi)
+        self._write(self.factory.wire_frame(data))
 
-    def deliver(self, prepared: Any) -> None:
-        if self.chat_open:
-            self._write(prepared.payloadHybi)
+    # A message's frame, built once for all members: straight to _write, one
+    # call per member (_writable implies chat_open).
+    deliver = _write
 
     def close_with(self, code: int, reason: str) -> None:
         # sendClose() only takes application codes; 1001/1008 are protocol-level.
@@ -450,6 +445,10 @@ class ChatFactory(WebSocketServerFactory):
         # so compact() drops the copies Twisted and onOpen put on each connection.
         shared = {"CONFIG_ATTRS": (), "factory": self, "trafficStats": self.traffic}
         self.protocol = type("ChatProtocol", (ChatProtocol,), {**options, **shared})
+
+    def wire_frame(self, payload: bytes) -> bytes:
+        """The text frame carrying ``payload``, built once and written raw to every member."""
+        return self.prepareMessage(payload).payloadHybi
 
     def start_pings(self) -> None:
         """One timer for every connection's pings, instead of one per connection."""
