@@ -14,11 +14,28 @@ from typing import Any
 
 from autobahn.websocket.protocol import WebSocketServerProtocol
 
+# Read by Autobahn only up to onOpen: the request, headers and response text
+# are a few KB per connection.
+HANDSHAKE = (
+    "_transport_details",
+    "_wskey",
+    "http_request_data",
+    "http_status_line",
+    "http_headers",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "http_response_data",
+    "websocket_protocols",
+    "websocket_origin",
+    "websocket_extensions",
+)
+
 AT_REST: dict[str, Any] = {
+    **dict.fromkeys(HANDSHAKE, None),
     **dict.fromkeys(
         (
-            "_transport_details",  # read by Autobahn only up to onOpen
-            "_wskey",
             "_perMessageCompress",
             "trackedTimings",
             "wasNotCleanReason",
@@ -32,17 +49,6 @@ AT_REST: dict[str, Any] = {
             "autoPingPending",
             "autoPingPendingCall",
             "autoPingPendingSent",
-            "http_request_data",
-            "http_status_line",
-            "http_headers",
-            "http_request_uri",
-            "http_request_path",
-            "http_request_params",
-            "http_request_host",
-            "http_response_data",
-            "websocket_protocols",
-            "websocket_origin",
-            "websocket_extensions",
             "websocket_protocol_in_use",
             "current_frame",
             "current_frame_masker",
@@ -100,6 +106,13 @@ BETWEEN_MESSAGES = (
 )
 IMMUTABLE = (type(None), bool, int, float, str, bytes, tuple, frozenset)
 MISSING = object()
+
+
+def forget_handshake(obj: Any) -> None:
+    """Drop what only the opening handshake needed (reads now give ``None``)."""
+    attrs = obj.__dict__
+    for name in HANDSHAKE:
+        attrs.pop(name, None)
 
 
 def install(cls: type) -> None:

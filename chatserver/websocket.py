@@ -33,8 +33,8 @@ from chatserver.config import Config
 from chatserver.store import Store, StoreUnavailable
 
 CLOSE_GOING_AWAY = 1001
-_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
 CLOSE_TOKEN_EXPIRED = 4001
+_STATE_OPEN = WebSocketServerProtocol.STATE_OPEN
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 # Module-level: Autobahn's own ``self.log`` is a level-filtered txaio logger,
@@ -223,13 +223,8 @@ class ChatProtocol(WebSocketServerProtocol):
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
         self._direct = isinstance(self.transport, tcp.Connection)
-        # The handshake's leftovers (request, headers, response: a few KB) and
-        # every attribute at its resting value go.
-        self.http_request_data = self.http_response_data = self.http_headers = None
-        self.http_request_params = self.http_request_uri = self.http_request_path = None
-        self.http_request_host = self.http_status_line = self.websocket_origin = None
-        self.websocket_protocols = self.websocket_extensions = self._wskey = None
-        self._transport_details = None
+        # The handshake's leftovers and every attribute at its resting value go.
+        resting.forget_handshake(self)
         self.data = b""
         # Autobahn counts octets and frames per connection, always; nothing reads them.
         self.trafficStats = self.factory.traffic
