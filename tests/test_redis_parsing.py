@@ -1,0 +1,74 @@
+"""The Redis connections parse a whole read in one pass (txredisapi alone does not)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.internet.testing import StringTransport
+
+from chatserver.broker.redis import _InlineBulk
+
+
+def message(channel: bytes, payload: bytes) -> bytes:
+    return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+        len(channel),
+        channel,
+        len(payload),
+        payload,
+    )
+
+
+class Subscriber(_InlineBulk, txredisapi.SubscriberProtocol):
+    def __init__(self) -> None:
+        super().__init__(charset=None)
+        self.got: list[tuple[bytes, bytes]] = []
+
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        self.got.append((channel, message))
+
+
+def connected(proto: Any) -> StringTransport:
+    transport = StringTransport()
+    proto.transport = transport
+    proto.connected = 1
+    transport.registerProducer(proto, True)
+    return transport
+
+
+def test_a_burst_of_messages_is_parsed_at_once_wherever_the_read_ends():
+    payloads = [b'%d {"body":"\\r\\n $3"}' % i for i in range(5)]
+    burst = b"".join(message(b"chat:0:room:r", p) for p in payloads)
+    for cut in range(len(burst) + 1):
+        proto = Subscriber()
+        transport = connected(proto)
+        proto.dataReceived(burst[:cut])
+        proto.dataReceived(burst[cut:])
+        # Everything that arrived is delivered before dataReceived returns,
+        # and the socket was never paused for a reactor turn.
+        assert proto.got == [(b"chat:0:room:r", p) for p in payloads], cut
+        assert transport.producerState == "producing"
+
+
+def test_a_message_cut_short_waits_for_its_end():
+    whole = message(b"c", b"x" * 100)
+    proto = Subscriber()
+    connected(proto)
+    proto.dataReceived(whole[:-10])
+    assert proto.got == []
+    proto.dataReceived(whole[-10:] + message(b"c", b"y"))
+    assert proto.got == [(b"c", b"x" * 100), (b"c", b"y")]
+
+
+class Client(_InlineBulk, txredisapi.RedisProtocol):
+    pass
+
+
+def test_pipelined_bulk_replies_resolve_in_order():
+    proto = Client(charset=None)
+    connected(proto)
+    results: list[Any] = []
+    for key in ("a", "b", "c"):
+        proto.execute_command("GET", key).addCallback(results.append)
+    proto.dataReceived(b"$3\r\none\r\n$-1\r\n$5\r\nthree\r\n")
+    assert results == [b"one", None, b"three"]
