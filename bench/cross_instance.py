@@ -101,8 +101,8 @@ def server_argv(server: str, port: int, redis_url: str, database_url: str) -> li
     ]
 
 
-def fast_members() -> bool:
-    """The picows members generator when its libraries are installed."""
+def fast_generator() -> bool:
+    """The picows generator (bench/fast_generator.py) when its libraries are installed."""
     try:
         import picows  # noqa: F401
         import uvloop  # noqa: F401
@@ -661,8 +661,8 @@ class Generator:
         self._buffer = b""
         self.events: set[str] = set()
         self.result: dict[str, Any] | None = None
-        if fast:  # picows + uvloop members (bench/requirements.txt)
-            argv = [sys.executable, str(HERE / "fast_members.py")]
+        if fast:  # picows + uvloop (bench/requirements.txt)
+            argv = [sys.executable, str(HERE / "fast_generator.py"), role]
         else:
             argv = [sys.executable, str(Path(__file__).resolve()), "--_generator", role]
         with open(log, "wb") as err:
@@ -807,7 +807,7 @@ def report(
         f" members={args.members} rate={args.rate:g}/s "
         f"window={window:.2f}s; pinning: {pinning}\n"
         f"members' drain: {m['drain']:.2f}s, ended: {m['drain_end']};"
-        f" members generator: {'picows' if fast_members() else 'autobahn'}"
+        f" generator: {'picows' if fast_generator() else 'autobahn'}"
     )
     lines = [head, "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -933,7 +933,7 @@ def run(args: argparse.Namespace) -> int:
             }
 
         deadline = time.monotonic() + budget + 10
-        members = Generator("members", spec, pin, root / "members.log", fast=fast_members())
+        members = Generator("members", spec, pin, root / "members.log", fast=fast_generator())
         gens.append(members)
         senders: Generator | None = None
 
@@ -952,7 +952,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             # Members first, so B has subscribed every room before the first send.
             pump(gens, deadline, lambda: "connected" in members.events)
-            senders = Generator("senders", spec, pin, root / "senders.log")
+            senders = Generator("senders", spec, pin, root / "senders.log", fast=fast_generator())
             gens.append(senders)
             pump(gens, deadline, lambda: all(g.result is not None for g in gens), relay)
         except (RuntimeError, ValueError):
