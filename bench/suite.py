@@ -5,8 +5,11 @@ broadcast peer, the Node.js ``ws`` peer) it runs ``cross_instance.py`` at
 rising message rates on the 10 rooms x 100 members shape, one sender per
 room, and reports per server the highest deliveries/s that kept every
 delivery (0 lost) with p99 under 50 ms (interactive) and under 250 ms (bulk)
-at that step and every step below it, plus every run's row. Stepping stops
-for a server once a run loses deliveries or its p99 passes a second.
+at that step and every step below it, plus every run's row. A step that
+would end a series runs once more (``--retries``) and the series goes on if
+that run passes: on a shared VM a single hiccup otherwise decides the result.
+Stepping stops for a server once a run loses deliveries or its p99 passes a
+second.
 
     python bench/suite.py [--servers chatserver,autobahn,node] [--rates 100,200,...]
 
@@ -23,7 +26,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_RATES = "200,400,600,800,1000,1200,1400,1600,1800,2000"
+DEFAULT_RATES = "100,200,300,400,500,600,700,800,1000,1200,1400,1600,1800,2000"
 GENERATOR_BOUND = 90.0
 
 
@@ -69,11 +72,30 @@ def run_one(server: str, rate: int, seconds: float) -> dict[str, float] | None:
     }
 
 
+def passes(row: dict[str, float], bound: float) -> bool:
+    return row["lost"] == 0 and row["p99"] < bound
+
+
+def print_row(server: str, rate: int, row: dict[str, float], retry: bool = False) -> None:
+    print(
+        f"| {server}{' (again)' if retry else ''} | {rate} | {row['deliveries']:.0f} |"
+        f" {row['p50']:.1f} | {row['p99']:.1f} | {row['lost']:.0f} | {row['cpu']:.0f} |"
+        f" {row['gen']:.0f} |",
+        flush=True,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", default="chatserver,autobahn,node")
     parser.add_argument("--rates", default=DEFAULT_RATES, help="messages/s, comma-separated")
     parser.add_argument("--seconds", type=float, default=6.0, help="measured window per run")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="runs more of a step that would end a series (0: the first result stands)",
+    )
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     summary = []
@@ -88,15 +110,22 @@ def main() -> int:
             row = run_one(server, rate, args.seconds)
             if row is None:
                 break
-            print(
-                f"| {server} | {rate} | {row['deliveries']:.0f} | {row['p50']:.1f} |"
-                f" {row['p99']:.1f} | {row['lost']:.0f} | {row['cpu']:.0f} | {row['gen']:.0f} |",
-                flush=True,
-            )
+            print_row(server, rate, row)
+            breaks = [b for b in best if b not in broken and not passes(row, b)]
+            for _ in range(args.retries if breaks else 0):
+                # One hiccup of a shared VM should not end a series: the step runs
+                # again, and the series goes on if the new run passes.
+                again = run_one(server, rate, args.seconds)
+                if again is None:
+                    break
+                print_row(server, rate, again, retry=True)
+                row = again
+                if all(passes(row, b) for b in breaks):
+                    break
             for bound in best:
                 if bound in broken:
                     continue
-                if row["lost"] == 0 and row["p99"] < bound:
+                if passes(row, bound):
                     best[bound] = (row["deliveries"], row["gen"])
                 else:
                     broken.add(bound)
@@ -115,7 +144,8 @@ def main() -> int:
         print(f"| {server} | {cell(interactive)} | {cell(bulk)} |")
     print()
     print(
-        "Each figure is the last step of an unbroken series of passing steps. "
+        "Each figure is the last step of an unbroken series of passing steps"
+        f" (a step that broke it ran up to {args.retries} more time(s); the last run counts). "
         f"* the generator was at {GENERATOR_BOUND:.0f}% or more of its core in that step: "
         "a floor for the server, not its limit."
     )
