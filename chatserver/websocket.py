@@ -105,6 +105,17 @@ class ProxyPolicy:
         return hops[0] if hops else peer
 
 
+# Frames up to this size are unmasked here; bigger ones by Autobahn's C masker.
+INBOUND_FAST_MAX = 8192
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    """RFC 6455 unmasking as one big-integer XOR: a few C calls, no loop in Python."""
+    n = len(payload)
+    key = (mask * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
 @implementer(IPushProducer)
 class ChatProtocol(WebSocketServerProtocol):
     user = ""
@@ -239,6 +250,61 @@ class ChatProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.chat.handle(self, payload, isBinary)
+
+    # -- incoming, the common case first -------------------------------------
+
+    _inbound_limit = 0  # largest frame read here; set per factory
+
+    def dataReceived(self, data: bytes) -> None:
+        """Whole, small, masked text frames go straight to ``onMessage``.
+
+        Autobahn takes about 18 us to turn an 80-byte frame into a message
+        (a frame header object, a masker object, UTF-8 validator calls and
+        five hooks); this takes a few. Anything else -- a frame cut by the
+        read, a control or binary frame, fragments, a frame over the limits,
+        bad UTF-8, an unmasked frame -- goes to Autobahn from its first byte,
+        with nothing read ahead of it, so its checks and close codes are as
+        before.
+        """
+        if (
+            self.state != _STATE_OPEN
+            or self.data
+            or self.current_frame is not None
+            or self.inside_message
+        ):
+            self._dataReceived(data)
+            return
+        end_of_data = len(data)
+        limit = self._inbound_limit
+        pos = 0
+        while pos + 6 <= end_of_data and data[pos] == 0x81:  # FIN, no RSV, text
+            length = data[pos + 1]
+            if length < 0x80 or length == 0xFF:
+                break  # unmasked, or a 64-bit length
+            length &= 0x7F
+            head = pos + 6
+            if length == 126:
+                head = pos + 8
+                if head > end_of_data:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                if length < 126:
+                    break  # not the shortest encoding: Autobahn refuses it
+            if length > limit or head + length > end_of_data:
+                break
+            end = head + length
+            mask = data[head - 4 : head]
+            payload = _unmask(data[head:end], mask)
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                break
+            pos = end
+            self.onMessage(payload, False)
+            if self.state != _STATE_OPEN:
+                break  # closing: Autobahn reads what follows
+        if pos < end_of_data:
+            self._dataReceived(data[pos:] if pos else data)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._expiry is not None and self._expiry.active():
@@ -438,7 +504,15 @@ class ChatFactory(WebSocketServerFactory):
         }
         # The factory and the shared traffic counter are class attributes too,
         # so compact() drops the copies Twisted and onOpen put on each connection.
-        shared = {"CONFIG_ATTRS": (), "factory": self, "trafficStats": self.traffic}
+        shared = {
+            "CONFIG_ATTRS": (),
+            "factory": self,
+            "trafficStats": self.traffic,
+            "_inbound_limit": min(
+                INBOUND_FAST_MAX,
+                *(n for n in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if n > 0),
+            ),
+        }
         self.protocol = type("ChatProtocol", (ChatProtocol,), {**options, **shared})
 
     def wire_frame(self, payload: bytes) -> bytes:
