@@ -50,6 +50,12 @@ async def acks(client, refs: list[str]) -> list[str]:
     return seen
 
 
+async def alice_in_r(server):
+    a = await connect(server.port, "alice")
+    await a.join("r")
+    return a
+
+
 async def stored(server) -> list[str]:
     """Bodies stored in room "r", read by another connection."""
     reader = await connect(server.port, "reader")
@@ -66,8 +72,7 @@ def server_side(server):
 
 @ensure
 async def test_frames_cut_anywhere_are_each_read_once_in_order(server):
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     proto = server_side(server)
     bodies = ["x", "é" * 150, "y" * 40]  # 7-bit, 16-bit (UTF-8) and 7-bit lengths
     sizes = [len(masked(send("r0000-0", b))) for b in bodies]
@@ -87,8 +92,7 @@ async def test_frames_cut_anywhere_are_each_read_once_in_order(server):
 
 @ensure
 async def test_a_frame_one_byte_at_a_time(server):
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     proto = server_side(server)
     data = masked(send("slow", "drip"))
     for i in range(len(data)):
@@ -98,8 +102,7 @@ async def test_a_frame_one_byte_at_a_time(server):
 
 @ensure
 async def test_text_then_ping_then_text_in_one_write(server):
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     data = masked(send("1", "a")) + masked(b"hi", opcode=9) + masked(send("2", "b"))
     a.proto.transport.write(data)
     assert await acks(a, ["1", "2"]) == ["1", "2"]
@@ -107,8 +110,7 @@ async def test_text_then_ping_then_text_in_one_write(server):
 
 @ensure
 async def test_text_then_close_in_one_write(server):
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     a.proto.transport.write(masked(send("last", "bye")) + masked(b"\x03\xe8", opcode=8))
     # The close comes before the commit, so no ack: the message is stored all the same.
     assert await a.wait_closed() == 1000
@@ -117,8 +119,7 @@ async def test_text_then_close_in_one_write(server):
 
 @ensure
 async def test_a_fragmented_message_is_not_taken_apart(server):
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     whole = send("frag", "in three parts")
     parts = [whole[:10], whole[10:20], whole[20:]]
     data = (
@@ -133,8 +134,7 @@ async def test_a_fragmented_message_is_not_taken_apart(server):
 
 @ensure
 async def test_an_unmasked_frame_after_a_good_one_is_a_protocol_error(server):
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     good = masked(send("ok", "fine"))
     # ASCII throughout: read as masked, these bytes would make a valid (if
     # meaningless) text frame and draw an error frame instead of the close.
@@ -155,8 +155,7 @@ async def test_lengths_not_in_shortest_form_are_protocol_errors(server):
 
 @ensure
 async def test_bad_utf8_after_a_good_frame_closes_with_1007(server):
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     a.proto.transport.write(masked(send("ok", "fine")) + masked(b'{"type":"ping","x":"\xff"}'))
     assert await a.wait_closed() == 1007
     assert await stored(server) == ["fine"]
@@ -165,8 +164,7 @@ async def test_bad_utf8_after_a_good_frame_closes_with_1007(server):
 @ensure
 async def test_the_frame_limit_holds_at_its_edge(make_server):
     server = make_server(max_frame_bytes=256)
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     at_limit = send("edge", "e" * (1 + 256 - len(send("edge", "e"))))
     assert len(at_limit) == 256
     over = send("edge", "e" * (2 + 256 - len(send("edge", "e"))))
@@ -179,8 +177,7 @@ async def test_the_frame_limit_holds_at_its_edge(make_server):
 @ensure
 async def test_frames_bigger_than_the_fast_path_still_arrive(make_server):
     server = make_server(max_frame_bytes=4 * INBOUND_FAST_MAX, max_body_chars=4 * INBOUND_FAST_MAX)
-    a = await connect(server.port, "alice")
-    await a.join("r")
+    a = await alice_in_r(server)
     big = "b" * (INBOUND_FAST_MAX + 1)
     a.proto.transport.write(masked(send("big", big)) + masked(send("small", "s")))
     assert await acks(a, ["big", "small"]) == ["big", "small"]
