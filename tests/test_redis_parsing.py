@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import txredisapi
 from twisted.internet.testing import StringTransport
 
-from chatserver.broker.redis import _InlineBulk
+from chatserver.broker.redis import _FastPush, _InlineBulk
 
 
 def message(channel: bytes, payload: bytes) -> bytes:
@@ -21,11 +22,29 @@ def message(channel: bytes, payload: bytes) -> bytes:
 
 class Subscriber(_InlineBulk, txredisapi.SubscriberProtocol):
     def __init__(self) -> None:
-        super().__init__(charset=None)
+        super().__init__(charset=None, convertNumbers=False)  # as the broker's factory
         self.got: list[tuple[bytes, bytes]] = []
+        self.lines = 0  # lines txredisapi parsed itself
+        self.replies: list[Any] = []
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.got.append((channel, message))
+
+    def lineReceived(self, line: Any) -> Any:
+        self.lines += 1
+        return super().lineReceived(line)
+
+    def replyReceived(self, reply: Any) -> None:
+        if not (isinstance(reply, list) and reply and reply[0] == b"message"):
+            self.replies.append(reply)
+        super().replyReceived(reply)
+
+
+class FastSubscriber(_FastPush, Subscriber):
+    pass
+
+
+SUBSCRIBERS = [Subscriber, FastSubscriber]
 
 
 def connected(proto: Any) -> StringTransport:
@@ -50,9 +69,10 @@ def test_a_burst_of_messages_is_parsed_at_once_wherever_the_read_ends():
         assert transport.producerState == "producing"
 
 
-def test_a_message_cut_short_waits_for_its_end():
+@pytest.mark.parametrize("kind", SUBSCRIBERS)
+def test_a_message_cut_short_waits_for_its_end(kind):
     whole = message(b"c", b"x" * 100)
-    proto = Subscriber()
+    proto = kind()
     connected(proto)
     proto.dataReceived(whole[:-10])
     assert proto.got == []
@@ -72,3 +92,33 @@ def test_pipelined_bulk_replies_resolve_in_order():
         proto.execute_command("GET", key).addCallback(results.append)
     proto.dataReceived(b"$3\r\none\r\n$-1\r\n$5\r\nthree\r\n")
     assert results == [b"one", None, b"three"]
+
+
+def test_whole_messages_are_sliced_out_without_the_line_parser():
+    proto = FastSubscriber()
+    connected(proto)
+    proto.dataReceived(b"".join(message(b"c", b"m%d" % i) for i in range(50)))
+    assert proto.got == [(b"c", b"m%d" % i) for i in range(50)]
+    assert proto.lines == 0
+
+
+@pytest.mark.parametrize("kind", SUBSCRIBERS)
+def test_other_replies_between_messages_reach_txredisapi(kind):
+    confirm = b"*3\r\n$9\r\nsubscribe\r\n$1\r\nd\r\n:2\r\n"
+    pong = b"+PONG\r\n"
+    data = message(b"c", b"1") + confirm + message(b"c", b"2") + pong + message(b"d", b"3")
+    for cut in range(len(data) + 1):
+        proto = kind()
+        connected(proto)
+        proto.dataReceived(data[:cut])
+        proto.dataReceived(data[cut:])
+        assert proto.got == [(b"c", b"1"), (b"c", b"2"), (b"d", b"3")], cut
+        assert proto.replies == [[b"subscribe", b"d", 2], "PONG"], cut
+
+
+def test_a_malformed_length_goes_to_txredisapi():
+    proto = FastSubscriber()
+    connected(proto)
+    proto.dataReceived(b"*3\r\n$7\r\nmessage\r\n$x\r\n")
+    assert proto.got == []
+    assert proto.lines > 0
