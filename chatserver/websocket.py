@@ -509,8 +509,8 @@ class ChatFactory(WebSocketServerFactory):
             "factory": self,
             "trafficStats": self.traffic,
             "_inbound_limit": min(
-                INBOUND_FAST_MAX,
-                *(n for n in (self.maxFramePayloadSize, self.maxMessagePayloadSize) if n > 0),
+                (INBOUND_FAST_MAX, self.maxFramePayloadSize, self.maxMessagePayloadSize),
+                key=lambda n: n if n > 0 else INBOUND_FAST_MAX,  # 0: no limit
             ),
         }
         self.protocol = type("ChatProtocol", (ChatProtocol,), {**options, **shared})
