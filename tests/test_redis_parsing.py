@@ -8,7 +8,7 @@ import pytest
 import txredisapi
 from twisted.internet.testing import StringTransport
 
-from chatserver.broker.redis import _FastPush, _InlineBulk
+from chatserver.broker.redis import _FastPublish, _FastPush, _InlineBulk
 
 
 def message(channel: bytes, payload: bytes) -> bytes:
@@ -122,3 +122,66 @@ def test_a_malformed_length_goes_to_txredisapi():
     proto.dataReceived(b"*3\r\n$7\r\nmessage\r\n$x\r\n")
     assert proto.got == []
     assert proto.lines > 0
+
+
+class Publisher(_FastPublish, _InlineBulk, txredisapi.RedisProtocol):
+    def __init__(self) -> None:
+        super().__init__(charset=None, convertNumbers=False)
+        self.lines = 0
+
+    def _awaiting_reply(self, waited: bool) -> None:
+        pass  # the liveness watch is tested with a real server
+
+    def lineReceived(self, line: Any) -> Any:
+        self.lines += 1
+        return super().lineReceived(line)
+
+
+def test_publish_writes_what_txredisapi_would():
+    proto = Publisher()
+    transport = connected(proto)
+    payload = b'7 {"body":"\r\n$3\r\n"}'
+    proto.publish(b"chat:0:room:r", payload)
+    assert transport.value() == proto._build_command(b"PUBLISH", b"chat:0:room:r", payload)
+
+
+def test_replies_stay_matched_to_their_commands_wherever_the_read_ends():
+    replies = b":1\r\n:0\r\n+PONG\r\n-ERR wrong\r\n:12\r\n"
+    for cut in range(len(replies) + 1):
+        proto = Publisher()
+        connected(proto)
+        got: list[Any] = []
+        proto.publish(b"c", b"1").addCallback(got.append)
+        proto.publish(b"c", b"2").addCallback(got.append)
+        proto.execute_command(b"PING").addCallback(got.append)
+        proto.publish(b"c", b"3").addCallback(got.append)
+        proto.publish(b"c", b"4").addCallback(got.append)
+        proto.dataReceived(replies[:cut])
+        proto.dataReceived(replies[cut:])
+        assert got[:3] == [1, 0, "PONG"], cut
+        assert isinstance(got[3], txredisapi.ResponseError), cut
+        assert got[4:] == [12], cut
+
+
+def test_integer_replies_skip_the_line_parser():
+    proto = Publisher()
+    connected(proto)
+    got: list[Any] = []
+    for _ in range(20):
+        proto.publish(b"c", b"x").addCallback(got.append)
+    proto.dataReceived(b":1\r\n" * 20)
+    assert got == [1] * 20
+    assert proto.lines == 0
+
+
+def test_publishes_waiting_when_the_connection_drops_get_the_error():
+    from twisted.python.failure import Failure
+
+    proto = Publisher()
+    connected(proto)
+    got: list[Any] = []
+    proto.publish(b"c", b"x").addCallback(got.append)
+    proto.connectionLost(Failure(ConnectionError("gone")))
+    assert len(got) == 1 and isinstance(got[0], txredisapi.ConnectionError)
+    with pytest.raises(txredisapi.ConnectionError):
+        proto.publish(b"c", b"y")

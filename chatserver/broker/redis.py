@@ -90,6 +90,17 @@ class _InlineBulk:
 _PUSH = b"*3\r\n$7\r\nmessage\r\n$"
 
 
+def _between_replies(proto: Any) -> bool:
+    """txredisapi's parser holds nothing: no partial line, bulk string or array."""
+    return not (
+        proto._after_bulk
+        or proto.line_mode != 1
+        or proto.bulk_length
+        or proto.multi_bulk.pending
+        or proto._LineReceiver__buffer  # txredisapi's line buffer (name-mangled)
+    )
+
+
 class _FastPush:
     """Pub/sub messages cut out of a read by slicing, while the parser is between replies.
 
@@ -100,20 +111,10 @@ class _FastPush:
     """
 
     connected: int
-    line_mode: int
-    bulk_length: int
-    multi_bulk: Any
-    _after_bulk: bytes
     messageReceived: Any
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
-        if (
-            self._after_bulk
-            or self.line_mode != 1
-            or self.bulk_length
-            or self.multi_bulk.pending
-            or self._LineReceiver__buffer  # type: ignore[attr-defined]  # a partial line
-        ):
+        if not _between_replies(self):
             return super().dataReceived(data, unpause)  # type: ignore[misc]
         pos, end = 0, len(data)
         while data.startswith(_PUSH, pos):
@@ -134,6 +135,50 @@ class _FastPush:
             self.messageReceived(None, data[j + 2 : channel_end], data[k + 2 : payload_end])
             if not self.connected:
                 return None
+        if pos < end:
+            return super().dataReceived(data[pos:] if pos else data, unpause)  # type: ignore[misc]
+        return None
+
+
+class _FastPublish:
+    """PUBLISH and its integer reply without txredisapi's per-command machinery.
+
+    ``execute_command`` encodes each argument, chains three Deferreds and a
+    closure, and its reply goes through the line parser: about 24 us per
+    message in a microbenchmark, 16 % of the reactor's Python time at 1,000
+    messages/s. Here the command is one format and the reply one slice. The
+    reply still takes its place in txredisapi's queue, so replies to other
+    commands (PING) stay matched in order.
+    """
+
+    connected: int
+    transport: Any
+    replyQueue: Any
+    _awaiting_reply: Any
+
+    def publish(self, channel: bytes, payload: bytes) -> Deferred[Any]:
+        """Fires with Redis' reply: a count of receivers, or an exception instance."""
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        waited = bool(self.replyQueue.waiting)
+        self.transport.write(
+            b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+            % (len(channel), channel, len(payload), payload)
+        )
+        d = self.replyQueue.get()
+        self._awaiting_reply(waited)
+        return d
+
+    def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
+        if not _between_replies(self):
+            return super().dataReceived(data, unpause)  # type: ignore[misc]
+        pos, end = 0, len(data)
+        while pos < end and data[pos] == 0x3A:  # ":", an integer reply
+            eol = data.find(b"\r\n", pos)
+            if eol < 0 or not data[pos + 1 : eol].isdigit():
+                break
+            self.replyQueue.put(int(data[pos + 1 : eol]))
+            pos = eol + 2
         if pos < end:
             return super().dataReceived(data[pos:] if pos else data, unpause)  # type: ignore[misc]
         return None
@@ -163,14 +208,19 @@ class _Liveness:
         return super().dataReceived(data, unpause)  # type: ignore[misc]
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.replyQueue.waiting:
-            self._quiet_since = self._now()  # the wait for a reply starts now
+        waited = bool(self.replyQueue.waiting)
         d = super().execute_command(*args, **kwargs)  # type: ignore[misc]
+        self._awaiting_reply(waited)
+        return d
+
+    def _awaiting_reply(self, waited: bool) -> None:
+        """A command went out: ``waited`` says whether replies were outstanding before it."""
+        if not waited:
+            self._quiet_since = self._now()  # the wait for a reply starts now
         if self._watch is None:
             self._watch = self.factory.broker._reactor.callLater(
                 self.factory.broker.timeout, self._check
             )
-        return d
 
     def _check(self) -> None:
         self._watch = None
@@ -204,7 +254,7 @@ class _Subscriber(
 
 
 @implementer(IHandshakeListener)
-class _Publisher(_Liveness, _InlineBulk, _HandshakeAware, txredisapi.RedisProtocol):
+class _Publisher(_Liveness, _FastPublish, _InlineBulk, _HandshakeAware, txredisapi.RedisProtocol):
     def connectionLost(self, why: Failure) -> None:
         super().connectionLost(why)
         self.factory.broker._connection_lost("publisher", self, why)
@@ -487,15 +537,16 @@ class RedisBroker:
             self._keep_for_later(channel, payload)
             return
         try:
-            d = conn.execute_command(b"PUBLISH", channel, payload)
+            d = conn.publish(channel, payload)
         except txredisapi.ConnectionError:
             self._keep_for_later(channel, payload)
             return
         self.published += 1
-        d.addErrback(self._publish_failed, channel, payload)
+        d.addCallback(self._publish_replied, channel, payload)
 
-    def _publish_failed(self, failure: Failure, channel: bytes, payload: bytes) -> None:
-        self._keep_for_later(channel, payload)
+    def _publish_replied(self, reply: Any, channel: bytes, payload: bytes) -> None:
+        if isinstance(reply, Exception):  # an error reply, or the connection was lost
+            self._keep_for_later(channel, payload)
 
     def _keep_for_later(self, channel: bytes, payload: bytes) -> None:
         self.publish_failures += 1
