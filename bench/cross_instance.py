@@ -213,6 +213,33 @@ class Stats:
         self.errors: Counter[str] = Counter()
         self.closed_during_run: Counter[str] = Counter()
 
+    def next_send(
+        self, room: str, now: float, start: float, rate: float, first_window: int
+    ) -> bytes:
+        """Count the next scheduled send (due at start + seq / rate) and return its frame.
+
+        The ref is the sequence number; the body carries the send time and
+        whether the send belongs to the measured window.
+        """
+        seq = self.sent
+        self.sent += 1
+        self.pacing_lag = max(self.pacing_lag, now - (start + seq / rate))
+        window = "1" if seq >= first_window else "0"
+        if window == "1":
+            self.window_sent += 1
+        self.ack_sent_at[seq] = now
+        body = f"{now!r}|{window}|{seq}"
+        return json.dumps({"type": "send", "room": room, "body": body, "ref": seq}).encode()
+
+    def acked(self, ref: int, now: float) -> None:
+        """An ack for send ``ref``: its latency counts if the send was in the window."""
+        self.acks += 1
+        sent_at = self.ack_sent_at.pop(ref, None)
+        if self.window_first_seq <= ref <= self.window_last_seq:
+            self.window_acks += 1
+            if sent_at is not None:
+                self.ack_latency.append(now - sent_at)
+
     def delivered(
         self, last: int | None, mid: int, now: float, sent_at: float | None
     ) -> int | None:
@@ -277,14 +304,7 @@ class Peer:
         msg = json.loads(payload)
         kind = msg.get("type")
         if kind == "ack":
-            now = time.time()
-            ref = msg.get("ref")
-            stats.acks += 1
-            sent_at = stats.ack_sent_at.pop(ref, None)
-            if stats.window_first_seq <= ref <= stats.window_last_seq:
-                stats.window_acks += 1
-                if sent_at is not None:
-                    stats.ack_latency.append(now - sent_at)
+            stats.acked(msg.get("ref"), time.time())
         elif kind == "joined":
             self.last_id = msg.get("last_id") or 0
             if self.ready is not None and not self.ready.called:
@@ -460,20 +480,12 @@ def run_generator(role: str, spec: dict[str, Any]) -> None:
     stats.window_first_seq, stats.window_last_seq = first_window, end_index - 1
 
     def send_one(now: float) -> None:
-        seq = stats.sent
-        stats.sent += 1
-        stats.pacing_lag = max(stats.pacing_lag, now - (t["start"] + seq / rate))
-        window = "1" if seq >= first_window else "0"
-        if window == "1":
-            stats.window_sent += 1
-        peer = peers[seq % rooms]
+        peer = peers[stats.sent % rooms]
+        frame = stats.next_send(peer.room, now, t["start"], rate, first_window)
         if peer.proto is None:
             stats.errors["sender gone"] += 1
             return
-        stats.ack_sent_at[seq] = now
-        body = f"{now!r}|{window}|{seq}"
-        frame = {"type": "send", "room": peer.room, "body": body, "ref": seq}
-        peer.proto.sendMessage(json.dumps(frame).encode())
+        peer.proto.sendMessage(frame)
 
     def tick() -> None:
         """Send what the schedule says is due by now, however late the timer fired."""

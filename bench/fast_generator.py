@@ -30,8 +30,10 @@ _ID = re.compile(rb'"id":(\d+)')
 _BODY = re.compile(rb'"body":"([0-9.e+-]+)\|([01])\|')
 
 
-class Member(WSListener):
-    """One room member: joins on connect, checks ids, records latency of window messages."""
+class Peer(WSListener):
+    """A connection that joins its room on connect; ``ready`` fires with ``joined``."""
+
+    role = "peer"
 
     def __init__(self, stats: Stats, room: str) -> None:
         self.stats = stats
@@ -50,77 +52,48 @@ class Member(WSListener):
         if not self.ready.done():
             self.ready.set_exception(RuntimeError("closed before joining"))
         elif self.stats.phase != "done":
-            self.stats.closed_during_run["member"] += 1
+            self.stats.closed_during_run[self.role] += 1
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type != WSMsgType.TEXT:
             return
         payload = frame.get_payload_as_bytes()
-        stats = self.stats
         if payload.startswith(b'{"type":"message"'):
-            body = _BODY.search(payload)
-            sent = float(body.group(1)) if body and body.group(2) == b"1" else None
-            mid = int(_ID.search(payload).group(1))
-            self.last_id = stats.delivered(self.last_id, mid, time.time(), sent)
+            self.message(payload)
             return
-        msg = json.loads(payload)
+        msg = json.loads(payload)  # an answer: off the hot path
         kind = msg.get("type")
-        if kind == "joined":
+        if kind == "ack":
+            self.stats.acked(msg.get("ref"), time.time())
+        elif kind == "joined":
             self.last_id = msg.get("last_id") or 0
             if not self.ready.done():
                 self.ready.set_result(None)
         elif kind == "error":
-            stats.errors[str(msg.get("code"))] += 1
+            self.stats.errors[str(msg.get("code"))] += 1
             if msg.get("ref") == 0 and not self.ready.done():
                 self.ready.set_exception(RuntimeError(f"join failed: {msg}"))
 
+    def message(self, payload: bytes) -> None:
+        """A delivery, on the hot path: one per member per message."""
 
-class Sender(WSListener):
-    """One room's sender: joins, then sends on the shared schedule; counts acks."""
 
-    def __init__(self, stats: Stats, room: str) -> None:
-        self.stats = stats
-        self.room = room
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: WSTransport | None = None
+class Member(Peer):
+    """A room member: checks ids, records the latency of window messages."""
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-        join = json.dumps({"type": "join", "room": self.room, "ref": 0}).encode()
-        transport.send(WSMsgType.TEXT, join)
+    role = "member"
 
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.transport = None
-        if not self.ready.done():
-            self.ready.set_exception(RuntimeError("closed before joining"))
-        elif self.stats.phase != "done":
-            self.stats.closed_during_run["sender"] += 1
+    def message(self, payload: bytes) -> None:
+        body = _BODY.search(payload)
+        sent = float(body.group(1)) if body and body.group(2) == b"1" else None
+        mid = int(_ID.search(payload).group(1))
+        self.last_id = self.stats.delivered(self.last_id, mid, time.time(), sent)
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type != WSMsgType.TEXT:
-            return
-        payload = frame.get_payload_as_bytes()
-        if payload.startswith(b'{"type":"message"'):
-            return  # a sender is a member of its room too; its copies are not counted
-        stats = self.stats
-        msg = json.loads(payload)
-        kind = msg.get("type")
-        if kind == "ack":
-            now = time.time()
-            ref = msg.get("ref")
-            stats.acks += 1
-            sent_at = stats.ack_sent_at.pop(ref, None)
-            if stats.window_first_seq <= ref <= stats.window_last_seq:
-                stats.window_acks += 1
-                if sent_at is not None:
-                    stats.ack_latency.append(now - sent_at)
-        elif kind == "joined":
-            if not self.ready.done():
-                self.ready.set_result(None)
-        elif kind == "error":
-            stats.errors[str(msg.get("code"))] += 1
-            if msg.get("ref") == 0 and not self.ready.done():
-                self.ready.set_exception(RuntimeError(f"join failed: {msg}"))
+
+class Sender(Peer):
+    """A room's sender, a member of its room too: its copies are not counted."""
+
+    role = "sender"
 
 
 async def connect_all(
@@ -262,20 +235,12 @@ async def run_senders(spec: dict[str, Any]) -> None:
     window_over = asyncio.Event()
 
     def send_one(now: float) -> None:
-        seq = stats.sent
-        stats.sent += 1
-        stats.pacing_lag = max(stats.pacing_lag, now - (t["start"] + seq / rate))
-        window = "1" if seq >= first_window else "0"
-        if window == "1":
-            stats.window_sent += 1
-        peer = order[seq % rooms]
+        peer = order[stats.sent % rooms]
+        frame = stats.next_send(peer.room, now, t["start"], rate, first_window)
         if peer.transport is None:
             stats.errors["sender gone"] += 1
             return
-        stats.ack_sent_at[seq] = now
-        body = f"{now!r}|{window}|{seq}"
-        frame = {"type": "send", "room": peer.room, "body": body, "ref": seq}
-        peer.transport.send(WSMsgType.TEXT, json.dumps(frame).encode())
+        peer.transport.send(WSMsgType.TEXT, frame)
 
     def tick() -> None:
         now = time.time()

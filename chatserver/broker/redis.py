@@ -101,22 +101,38 @@ def _between_replies(proto: Any) -> bool:
     )
 
 
-class _FastPush:
-    """Pub/sub messages cut out of a read by slicing, while the parser is between replies.
+class _SlicedFirst:
+    """The common replies are cut out of a read by slicing, the rest parsed by txredisapi.
 
-    txredisapi parses a message as four lines and three bulk strings, one
-    Python call each: several times the cost of the slicing here. Anything
-    else (subscribe confirmations, a message cut by the read, a malformed
-    one) goes to txredisapi from its first byte.
+    Slicing starts only while txredisapi's parser is between replies, and
+    stops at the first byte it does not recognise as a whole reply of its
+    kind: from there on txredisapi reads, as before.
     """
 
     connected: int
-    messageReceived: Any
+
+    def _take(self, data: bytes) -> int:
+        """Handle the whole replies at the start of ``data``; return the bytes used."""
+        raise NotImplementedError
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
-        if not _between_replies(self):
-            return super().dataReceived(data, unpause)  # type: ignore[misc]
-        pos, end = 0, len(data)
+        pos = self._take(data) if _between_replies(self) else 0
+        if pos == len(data) or (pos and not self.connected):
+            return None
+        return super().dataReceived(data[pos:] if pos else data, unpause)  # type: ignore[misc]
+
+
+class _FastPush(_SlicedFirst):
+    """Pub/sub messages by slicing.
+
+    txredisapi parses one as four lines and three bulk strings, one Python
+    call each: several times the cost of slicing it.
+    """
+
+    messageReceived: Any
+
+    def _take(self, data: bytes) -> int:
+        pos = 0
         while data.startswith(_PUSH, pos):
             i = pos + len(_PUSH)
             j = data.find(b"\r\n", i)
@@ -134,13 +150,11 @@ class _FastPush:
             pos = payload_end + 2
             self.messageReceived(None, data[j + 2 : channel_end], data[k + 2 : payload_end])
             if not self.connected:
-                return None
-        if pos < end:
-            return super().dataReceived(data[pos:] if pos else data, unpause)  # type: ignore[misc]
-        return None
+                break
+        return pos
 
 
-class _FastPublish:
+class _FastPublish(_SlicedFirst):
     """PUBLISH and its integer reply without txredisapi's per-command machinery.
 
     ``execute_command`` encodes each argument, chains three Deferreds and a
@@ -169,19 +183,15 @@ class _FastPublish:
         self._awaiting_reply(waited)
         return d
 
-    def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
-        if not _between_replies(self):
-            return super().dataReceived(data, unpause)  # type: ignore[misc]
-        pos, end = 0, len(data)
-        while pos < end and data[pos] == 0x3A:  # ":", an integer reply
+    def _take(self, data: bytes) -> int:
+        pos = 0
+        while data.startswith(b":", pos):  # an integer reply
             eol = data.find(b"\r\n", pos)
             if eol < 0 or not data[pos + 1 : eol].isdigit():
                 break
             self.replyQueue.put(int(data[pos + 1 : eol]))
             pos = eol + 2
-        if pos < end:
-            return super().dataReceived(data[pos:] if pos else data, unpause)  # type: ignore[misc]
-        return None
+        return pos
 
 
 class _Liveness:
