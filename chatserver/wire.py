@@ -134,13 +134,25 @@ def _cursor(obj: dict, key: str, ref: str | int | None) -> int | None:
     return value
 
 
+# One decoder and one encoder for every frame: json.loads and json.dumps with
+# any option build a new one per call, a third of the time for a small frame.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def decode_json(payload: bytes) -> Any:
-    """Strict JSON (no NaN/Infinity, bounded nesting); ValueError otherwise."""
+    """Strict JSON (no NaN/Infinity, bounded nesting); ValueError otherwise.
+
+    JSON on the wire is UTF-8 (RFC 8259); a leading byte order mark is
+    tolerated, as json.loads does.
+    """
+    text = payload.decode("utf-8-sig")
     try:
-        value = json.loads(payload, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except RecursionError:
         raise ValueError("nesting too deep") from None
-    if _too_deep(value):
+    # Fewer brackets than the limit cannot nest past it.
+    if text.count("{") + text.count("[") > MAX_DEPTH and _too_deep(value):
         raise ValueError("nesting too deep")
     return value
 
@@ -198,7 +210,7 @@ def parse(payload: bytes, is_binary: bool, max_body_chars: int) -> ClientFrame:
 
 def encode(obj: dict[str, Any]) -> bytes:
     """Strict, compact JSON as UTF-8."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def reply(kind: str, ref: str | int | None = None, **fields: Any) -> bytes:

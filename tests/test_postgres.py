@@ -19,6 +19,7 @@ from wsclient import connect
 from chatserver.config import Config
 from chatserver.service import ChatServerService
 from chatserver.store import SchemaError, StoreUnavailable
+from chatserver.store import postgres as pg
 from chatserver.store.open import open_store
 
 ensure = pytest_twisted.ensureDeferred
@@ -338,14 +339,26 @@ async def test_two_stores_many_rooms_ids_gap_free_per_room(pg_url):
         await s.close()
 
 
+# Small batches are stored by one statement (text arrays), large ones by COPY
+# (its text format): each path is forced in turn.
+BOTH_WRITE_PATHS = pytest.mark.parametrize(
+    "one_statement_max", [1000, 0], ids=["one-statement", "copy"]
+)
+
+
+@BOTH_WRITE_PATHS
 @ensure
-async def test_bodies_with_tabs_newlines_and_backslashes_round_trip(pg_url):
-    """Batches go in with COPY: its text format's special characters must survive."""
+async def test_bodies_with_tabs_newlines_and_backslashes_round_trip(
+    pg_url, monkeypatch, one_statement_max
+):
+    """Array literals and COPY's text format both have special characters that must survive."""
+    monkeypatch.setattr(pg, "ONE_STATEMENT_MAX", one_statement_max)
     store = open_store(Config(database_url=pg_url, db_pool_size=1), reactor)
     bodies = ["a\tb", "line1\nline2\r\n", "back\\slash \\N \\.", "\\", "emoji \U0001f600 é", ""]
-    users = ["tab\tuser", "back\\slash"]
+    bodies += ['"quoted"', "{braces}, commas", "NULL", "it's", '} ,{\\"']
+    users = ["tab\tuser", "back\\slash", "NULL", '{"u"}']
     stored = await gatherResults(
-        [store.append("r\t1", users[i % 2], b) for i, b in enumerate(bodies)]
+        [store.append("r\t1", users[i % 4], b) for i, b in enumerate(bodies)]
     )
     page, more = await store.history("r\t1", None, 0, 100)
     assert [(m.id, m.user, m.body) for m in page] == [(m.id, m.user, m.body) for m in stored]
@@ -384,4 +397,87 @@ async def test_reads_do_not_queue_behind_writes(pg_url):
         locker.close()
     stored = await gatherResults(writes)
     assert [(m.room, m.id) for m in stored] == [("a", 2), ("b", 2)]
+    await store.close()
+
+
+async def backend_pid(store) -> int:
+    def q(txn):
+        txn.execute("SELECT pg_backend_pid()")
+        return txn.fetchone()[0]
+
+    return await store._pool.runInteraction(q)
+
+
+@BOTH_WRITE_PATHS
+@ensure
+async def test_a_batch_the_database_refuses_takes_no_ids(pg_url, monkeypatch, one_statement_max):
+    """A refused batch rolls back its id reservation too: the next message gets the next id."""
+    monkeypatch.setattr(pg, "ONE_STATEMENT_MAX", one_statement_max)
+    admin = psycopg2.connect(pg_url)
+    admin.autocommit = True
+    admin.cursor().execute("ALTER TABLE messages ADD CONSTRAINT no_boom CHECK (body <> 'boom')")
+    admin.close()
+    store = open_store(Config(database_url=pg_url, db_pool_size=1), reactor)
+    first = await store.append("r", "u", "one")
+    backend = await backend_pid(store)
+    with pytest.raises(StoreUnavailable):
+        await store.append("r", "u", "boom")
+    after = await gatherResults([store.append("r", "u", f"m{i}") for i in range(3)])
+    # The failed transaction was ended on its own connection, not by replacing it.
+    assert await backend_pid(store) == backend
+    assert [first.id, *(m.id for m in after)] == [1, 2, 3, 4]
+    assert store.failed == 1
+    page, _ = await store.history("r", None, 0, 100)
+    assert [m.body for m in page] == ["one", "m0", "m1", "m2"]
+    await store.close()
+
+
+class _CommitCutter:
+    """A cursor whose connection is cut by the server just before COMMIT goes out."""
+
+    def __init__(self, cursor, url: str) -> None:
+        self._cursor, self._url = cursor, url
+        self.statements = 0
+
+    def execute(self, sql, args=None):
+        if sql == "COMMIT":
+            pid = self._cursor.connection.get_backend_pid()
+            killer = psycopg2.connect(self._url)
+            killer.autocommit = True
+            killer.cursor().execute("SELECT pg_terminate_backend(%s)", (pid,))
+            killer.close()
+        else:
+            self.statements += 1
+        return self._cursor.execute(sql, args)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+
+@ensure
+async def test_a_connection_lost_at_commit_fails_the_batch_and_is_not_retried(pg_url, monkeypatch):
+    """Whether a batch whose COMMIT was cut off is stored cannot be known: retrying
+    could store it twice, so the senders get an error and nothing is retried."""
+    monkeypatch.setattr(pg, "ONE_STATEMENT_MAX", 1000)
+    cutters: list[_CommitCutter] = []
+    real = pg.PostgresDialect.store_batch
+
+    calls = []
+
+    def cut_once(self, cursor, entries, ts):
+        calls.append(entries)
+        if cutters:
+            return real(self, cursor, entries, ts)
+        cutters.append(_CommitCutter(cursor, pg_url))
+        return real(self, cutters[0], entries, ts)
+
+    monkeypatch.setattr(pg.PostgresDialect, "store_batch", cut_once)
+    store = open_store(Config(database_url=pg_url, db_pool_size=1), reactor)
+    with pytest.raises(StoreUnavailable):
+        await store.append("r", "u", "cut")
+    assert len(calls) == 1 and cutters[0].statements == 1, "the batch was sent again"
+    assert store.failed == 1
+    # The pool replaces the connection; the message never committed, so no gap.
+    stored = await store.append("r", "u", "next")
+    assert stored.id == 1
     await store.close()

@@ -18,9 +18,20 @@ from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorTime
 
 from chatserver.store import SchemaError
-from chatserver.store.sql import Dialect, Row, SQLStore, check_schema, migrate
+from chatserver.store.sql import (
+    CommitUnknown,
+    Dialect,
+    Entry,
+    Row,
+    SQLStore,
+    check_schema,
+    migrate,
+)
 
 CONNECT_TIMEOUT = 5
+# Batches up to this size are stored by one statement, larger ones by COPY
+# (measured: COPY's cheaper rows win from a few dozen rows on).
+ONE_STATEMENT_MAX = 32
 _MIGRATION_LOCK = 0x63686174  # "chat": one advisory lock id for schema changes
 
 
@@ -61,8 +72,91 @@ class PostgresDialect(Dialect):
         )
         return dict(cursor.fetchall())
 
+    def store_batch(self, cursor: Any, entries: Sequence[Entry], ts: int) -> list[int]:
+        """A small batch in two round trips: one statement that reserves the ids
+        and inserts the rows, sent with its BEGIN, then COMMIT.
+
+        Each round trip is a wait on the network and a GIL reacquisition in this
+        thread; the generic path takes five (BEGIN, reserve, COPY's two, COMMIT).
+        At low and moderate rates batches are small and those round trips are
+        most of a batch's cost. Large batches still go by COPY, which inserts a
+        row for less than the arrays of this statement cost. The connection is
+        switched to autocommit for the batch so that psycopg2 sends no BEGIN of
+        its own and adbapi's commit afterwards is a no-op.
+        """
+        if len(entries) > ONE_STATEMENT_MAX:
+            return super().store_batch(cursor, entries, ts)
+        counts: dict[str, int] = {}
+        back: list[int] = []  # how many later messages of its room follow each entry
+        for room, _, _ in entries:
+            counts[room] = counts.get(room, 0) + 1
+        seen: dict[str, int] = {}
+        for room, _, _ in entries:
+            k = seen.get(room, 0) + 1
+            seen[room] = k
+            back.append(counts[room] - k)
+        rooms = sorted(counts)
+        connection = cursor.connection
+        connection.autocommit = True
+        try:
+            try:
+                cursor.execute(
+                    _STORE_BATCH,
+                    (
+                        rooms,
+                        [counts[r] for r in rooms],
+                        ts,
+                        [e[0] for e in entries],
+                        back,
+                        [e[1] for e in entries],
+                        [e[2] for e in entries],
+                    ),
+                )
+                last = dict(cursor.fetchall())
+            except self.connection_errors:
+                raise  # nothing committed: the store retries on a fresh connection
+            except BaseException:
+                _rollback_quietly(cursor)
+                raise
+            try:
+                cursor.execute("COMMIT")
+            except self.connection_errors as e:
+                raise CommitUnknown(f"connection lost during commit: {e}") from e
+        finally:
+            if not connection.closed:
+                connection.autocommit = False
+        return [last[room] - b for (room, _, _), b in zip(entries, back, strict=True)]
+
     def lock_schema(self, cursor: Any) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+
+
+# Rooms are upserted in name order (the ORDER BY), the same in every writer,
+# so two writers never wait on each other in a cycle. A data-modifying WITH
+# runs to completion whether or not the outer query reads it.
+_STORE_BATCH = (
+    "BEGIN;"
+    " WITH r AS ("
+    "  INSERT INTO rooms (name, last_id)"
+    "  SELECT name, n FROM unnest(%s::text[], %s::bigint[]) AS t(name, n) ORDER BY name"
+    "  ON CONFLICT (name) DO UPDATE SET last_id = rooms.last_id + excluded.last_id"
+    "  RETURNING name, last_id),"
+    " m AS ("
+    "  INSERT INTO messages (room, id, username, body, ts)"
+    "  SELECT m.room, r.last_id - m.back, m.username, m.body, %s"
+    "  FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[])"
+    "   AS m(room, back, username, body)"
+    "  JOIN r ON r.name = m.room)"
+    " SELECT name, last_id FROM r"
+)
+
+
+def _rollback_quietly(cursor: Any) -> None:
+    """End the transaction a failed statement left open (autocommit mode won't)."""
+    try:
+        cursor.execute("ROLLBACK")
+    except Exception:  # the connection is gone too: adbapi replaces it
+        pass
 
 
 def _dsn(url: str) -> str:

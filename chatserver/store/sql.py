@@ -29,6 +29,7 @@ from chatserver.store import (
 from chatserver.store.schema import LATEST, MIGRATIONS
 
 Row = tuple[str, int, str, str, int]  # room, id, user, body, ts
+Entry = tuple[str, str, str]  # room, user, body
 
 
 class Dialect:
@@ -67,8 +68,35 @@ class Dialect:
             last[room] = cursor.fetchone()[0]
         return last
 
+    def store_batch(self, cursor: Any, entries: Sequence[Entry], ts: int) -> list[int]:
+        """Give each entry the next id of its room and insert it, in the pool's
+        transaction; return the ids in entry order.
+
+        Raises a connection error only when nothing can have been committed
+        (the caller retries those on a fresh connection).
+        """
+        counts: dict[str, int] = {}
+        for room, _, _ in entries:
+            counts[room] = counts.get(room, 0) + 1
+        last = self.reserve_ids(cursor, counts)
+        next_id = {room: last[room] - n + 1 for room, n in counts.items()}
+        ids = []
+        rows: list[Row] = []
+        for room, user, body in entries:
+            mid = next_id[room]
+            next_id[room] = mid + 1
+            ids.append(mid)
+            rows.append((room, mid, user, body, ts))
+        self.insert_messages(cursor, rows)
+        return ids
+
     def lock_schema(self, cursor: Any) -> None:
         """Keep two servers from migrating at once (Postgres locks; SQLite has one writer)."""
+
+
+class CommitUnknown(Exception):
+    """The connection broke during COMMIT: the batch may or may not be stored,
+    so it is reported as failed and never retried (a retry could store it twice)."""
 
 
 class _BeforeCommit(Exception):
@@ -228,7 +256,7 @@ class SQLStore:
 
     def _write(self, batch: list[_Pending], attempts_left: int) -> None:
         ts = int(self._clock.seconds() * 1000)
-        entries = [(p.room, p.user, p.body) for p in batch]
+        entries: list[Entry] = [(p.room, p.user, p.body) for p in batch]
         d = self._interaction(self._write_batch, entries, ts)
         d.addCallbacks(
             self._written,
@@ -237,25 +265,12 @@ class SQLStore:
             errbackArgs=(batch, attempts_left),
         )
 
-    def _write_batch(self, txn: Any, entries: list[tuple[str, str, str]], ts: int) -> list[int]:
-        """Runs in a pool thread: reserve ids per room, insert all rows, one transaction."""
-        counts: dict[str, int] = {}
-        for room, _, _ in entries:
-            counts[room] = counts.get(room, 0) + 1
+    def _write_batch(self, txn: Any, entries: list[Entry], ts: int) -> list[int]:
+        """Runs in a pool thread: one transaction for the whole batch."""
         try:
-            last = self._dialect.reserve_ids(txn, counts)
-            next_id = {room: last[room] - n + 1 for room, n in counts.items()}
-            ids = []
-            rows: list[Row] = []
-            for room, user, body in entries:
-                mid = next_id[room]
-                next_id[room] = mid + 1
-                ids.append(mid)
-                rows.append((room, mid, user, body, ts))
-            self._dialect.insert_messages(txn, rows)
+            return self._dialect.store_batch(txn, entries, ts)
         except self._dialect.connection_errors as e:
             raise _BeforeCommit(e) from e
-        return ids
 
     def _written(self, ids: list[int], batch: list[_Pending], ts: int) -> None:
         self._in_flight -= 1
