@@ -56,6 +56,11 @@ class ServerCollector:
             "messages_delivered", "Message frames written to local members.", registry.delivered
         )
         yield _counter(
+            "frames_coalesced",
+            "Frames that left in one write with others for the same connection (batches).",
+            factory.coalesced_frames,
+        )
+        yield _counter(
             "gap_fills", "Times missing ids were read from the store.", registry.gap_fills
         )
         errors = CounterMetricFamily(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -100,6 +102,42 @@ def test_whole_messages_are_sliced_out_without_the_line_parser():
     proto.dataReceived(b"".join(message(b"c", b"m%d" % i) for i in range(50)))
     assert proto.got == [(b"c", b"m%d" % i) for i in range(50)]
     assert proto.lines == 0
+
+
+class ScopedSubscriber(FastSubscriber):
+    """Records which messages were handled inside which batch scope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scopes: list[list[bytes]] = []
+        self.open = False
+
+    @contextmanager
+    def _scope(self) -> Iterator[None]:
+        self.scopes.append([])
+        self.open = True
+        try:
+            yield
+        finally:
+            self.open = False
+
+    def _batch_scope(self) -> Any:
+        return self._scope()
+
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        super().messageReceived(pattern, channel, message)
+        if self.open:
+            self.scopes[-1].append(message)
+
+
+def test_the_messages_of_one_read_are_handled_in_one_batch_scope():
+    proto = ScopedSubscriber()
+    connected(proto)
+    first = [b"1 a", b"2 b", b"3 c"]
+    proto.dataReceived(b"".join(message(b"chat:0:room:r", p) for p in first))
+    proto.dataReceived(message(b"chat:0:room:r", b"4 d"))
+    assert proto.scopes == [first, [b"4 d"]]
+    assert [m for _, m in proto.got] == [*first, b"4 d"]
 
 
 @pytest.mark.parametrize("kind", SUBSCRIBERS)

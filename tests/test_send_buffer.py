@@ -24,6 +24,7 @@ class Factory:
         )
         self.clock = Clock()
         self.dropped_slow = 0
+        self.held = None  # not inside ChatFactory.coalesced()
 
 
 def paused_connection(grace: float) -> tuple[ChatProtocol, Factory, StringTransport]:

@@ -9,6 +9,7 @@ gaps are filled from the store.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -22,6 +23,10 @@ ControlHandler = Callable[[bytes], None]
 
 
 class Broker(Protocol):
+    # Entered around the messages of one read from the bus, so that what they
+    # send can leave together (the service sets the WebSocket factory's coalesced).
+    batch_scope: Callable[[], AbstractContextManager[None]]
+
     def start(
         self, on_message: MessageHandler, on_resync: ResyncHandler, on_control: ControlHandler
     ) -> Deferred[None]: ...

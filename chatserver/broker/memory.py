@@ -7,6 +7,9 @@ instances on one hub to act like several servers on one Redis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
@@ -28,6 +31,8 @@ class MemoryBroker:
         self._hub = hub
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
+        # Messages arrive one call each here: nothing to group.
+        self.batch_scope: Callable[[], AbstractContextManager[None]] = nullcontext
         self.rooms: set[str] = set()
         self.published = 0
         self.received = 0

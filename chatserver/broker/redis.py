@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import txredisapi
@@ -131,7 +132,17 @@ class _FastPush(_SlicedFirst):
 
     messageReceived: Any
 
+    def _batch_scope(self) -> AbstractContextManager[None]:
+        """Entered around the messages of one read, so their frames can leave together."""
+        return nullcontext()
+
     def _take(self, data: bytes) -> int:
+        if not data.startswith(_PUSH):
+            return 0
+        with self._batch_scope():
+            return self._take_messages(data)
+
+    def _take_messages(self, data: bytes) -> int:
         pos = 0
         while data.startswith(_PUSH, pos):
             i = pos + len(_PUSH)
@@ -258,6 +269,9 @@ class _Subscriber(
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.factory.broker._received(channel, message)
 
+    def _batch_scope(self) -> AbstractContextManager[None]:
+        return self.factory.broker.batch_scope()
+
     def connectionLost(self, why: Failure) -> None:
         super().connectionLost(why)
         self.factory.broker._connection_lost("subscriber", self, why)
@@ -322,6 +336,7 @@ class RedisBroker:
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
         self._on_resync: ResyncHandler | None = None
+        self.batch_scope: Callable[[], AbstractContextManager[None]] = nullcontext
         self._rooms: set[str] = set()
         self._subscriber: _Subscriber | None = None
         self._sub_factory: _Factory | None = None

@@ -6,6 +6,8 @@ in ``sql.py``; the core only ever sees ``Store``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,7 +48,13 @@ class Store(Protocol):
 
     Ids in a room start at 1, have no gaps and increase in commit order, even with
     several writers; ``append`` fires only once the message is committed.
+
+    ``batch_scope`` is entered around firing the appends of one committed
+    batch, so that whatever they send can leave together (the service sets it
+    to the WebSocket factory's ``coalesced``).
     """
+
+    batch_scope: Callable[[], AbstractContextManager[None]]
 
     def append(self, room: str, user: str, body: str) -> Deferred[StoredMessage]: ...
 

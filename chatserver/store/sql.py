@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from twisted.enterprise import adbapi
@@ -189,6 +190,8 @@ class SQLStore:
         self._idle_waiters: list[Deferred[None]] = []
         self._closed = False
         self.busy = 0  # interactions handed to the pool and not finished
+        # Entered around firing one committed batch's results (see Store).
+        self.batch_scope: Callable[[], AbstractContextManager[None]] = nullcontext
         # Counters for metrics.
         self.batches = 0
         self.stored = 0
@@ -278,8 +281,9 @@ class SQLStore:
         self.batches += 1
         self.stored += len(batch)
         self.last_batch_size = len(batch)
-        for p, mid in zip(batch, ids, strict=True):
-            p.deferred.callback(StoredMessage(p.room, mid, p.user, p.body, ts))
+        with self.batch_scope():
+            for p, mid in zip(batch, ids, strict=True):
+                p.deferred.callback(StoredMessage(p.room, mid, p.user, p.body, ts))
         self._after_write()
 
     def _write_failed(self, failure: Failure, batch: list[_Pending], attempts_left: int) -> None:

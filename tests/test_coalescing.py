@@ -1,0 +1,79 @@
+"""A committed batch leaves in one write per connection, in order, acks first.
+
+The batch is made real: a lock held on the room's row in Postgres stops the
+first transaction, the sends behind it queue, and all of them commit together
+once the lock goes.
+"""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+import pytest_twisted
+from wsclient import connect, http_get
+
+from chatserver import wire
+from chatserver.chat import CLOSE_POLICY
+
+ensure = pytest_twisted.ensureDeferred
+
+
+@pytest.mark.postgres
+@ensure
+async def test_a_batch_reaches_each_connection_in_one_write_in_order(make_server, pg_url):
+    server = make_server(database_url=pg_url)
+    sender = await connect(server.port, "sender")
+    members = [await connect(server.port, f"m{i}") for i in range(2)]
+    for c in (sender, *members):
+        await c.join("room")
+    first = await sender.request({"type": "send", "room": "room", "body": "m0"})
+    assert first["type"] == "ack" and first["id"] == 1
+    await sender.expect("message")
+    for m in members:
+        assert (await m.expect("message"))["id"] == 1
+
+    locker = psycopg2.connect(pg_url)
+    try:
+        locker.cursor().execute("SELECT 1 FROM rooms WHERE name = 'room' FOR UPDATE")
+        n = 20
+        for i in range(1, n + 1):
+            sender.send({"type": "send", "room": "room", "body": f"m{i}", "ref": i})
+        # Frames are handled in order: once the pong is back, all n sends are queued
+        # behind the transaction the lock holds (nothing is acked yet).
+        assert await sender.drain_to_pong() == []
+        before = server.factory.coalesced_frames
+    finally:
+        locker.rollback()
+        locker.close()
+
+    got = [await sender.recv() for _ in range(2 * n)]
+    assert [(f["type"], f.get("ref"), f.get("id")) for f in got] == [
+        (kind, i if kind == "ack" else None, i + 1)
+        for i in range(1, n + 1)
+        for kind in ("ack", "message")
+    ]
+    for m in members:
+        assert [(await m.recv())["id"] for _ in range(n)] == list(range(2, n + 2))
+    # The first queued send went alone; the other n - 1 formed one batch: each
+    # member's n - 1 messages and the sender's acks and messages left together.
+    assert server.factory.coalesced_frames - before >= (n - 1) * (2 + 2)
+    code, body = await http_get(server.port, "/metrics")
+    assert code == 200
+    assert f"chatserver_frames_coalesced_total {float(server.factory.coalesced_frames)}" in (
+        body.decode()
+    )
+    for c in (sender, *members):
+        await c.close()
+
+
+@ensure
+async def test_frames_held_for_a_connection_go_out_before_its_close(make_server):
+    server = make_server()
+    client = await connect(server.port, "alice")
+    await client.join("room")
+    (proto,) = server.factory.connections
+    with server.factory.coalesced():
+        proto.send_frame(wire.reply("pong", "held"))
+        proto.close_with(CLOSE_POLICY, "policy")
+    assert await client.recv() == {"type": "pong", "ref": "held"}
+    assert await client.wait_closed() == CLOSE_POLICY
