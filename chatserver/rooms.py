@@ -13,6 +13,7 @@ id order, however the broker behaves.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -81,6 +82,9 @@ class RoomRegistry:
         self.delivered = 0
         self.gap_fills = 0
         self.dropped_broker_frames = 0
+        # Entered around delivering a page read from the store; the service
+        # makes it hold each connection's frames for one write.
+        self.batch_scope: Callable[[], AbstractContextManager[None]] = nullcontext
 
     # -- membership -----------------------------------------------------------
 
@@ -224,11 +228,12 @@ class RoomRegistry:
                 messages, more = await self._store.history(room.name, None, start, FILL_PAGE)
                 if self.rooms.get(room.name) is not room:
                     return
-                for m in messages:
-                    if m.id == room.last_id + 1:
-                        self._deliver(
-                            room, m.id, wire.encode_message(m.room, m.id, m.user, m.body, m.ts)
-                        )
+                with self.batch_scope():
+                    for m in messages:
+                        if m.id == room.last_id + 1:
+                            self._deliver(
+                                room, m.id, wire.encode_message(m.room, m.id, m.user, m.body, m.ts)
+                            )
                 # Page on to the end of the store (a resync has no target), unless
                 # what was buffered is reached or a page made no progress.
                 if not more or room.last_id == start:
@@ -240,7 +245,8 @@ class RoomRegistry:
         finally:
             room.filling = False
         if self.rooms.get(room.name) is room:
-            self._drain(room)
+            with self.batch_scope():
+                self._drain(room)
 
     def resync(self) -> None:
         """The broker may have lost messages: read every hosted room's news from the store."""

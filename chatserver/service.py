@@ -93,13 +93,14 @@ class ChatServerService(MultiService):
         self.store = open_store(config, reactor)
         self.broker = self._make_broker(hub)
         self.factory = ChatFactory(config, reactor, self.store)
-        # A committed batch, or a read of messages from the bus, leaves as one
-        # write per connection.
+        # A committed batch, a read of messages from the bus, or a page read
+        # to fill a gap leaves as one write per connection.
         self.store.batch_scope = self.broker.batch_scope = self.factory.coalesced
         self.gc_pauses = GCPauses()
         self.registry = RoomRegistry(
             self.store, self.broker, self.factory.wire_frame, reactor, config.gap_timeout
         )
+        self.registry.batch_scope = self.factory.coalesced
         self.chat = Chat(config, self.store, self.registry, self.broker, reactor)
         self.factory.chat = self.chat
         children: dict[bytes, Any] = {

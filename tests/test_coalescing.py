@@ -77,3 +77,23 @@ async def test_frames_held_for_a_connection_go_out_before_its_close(make_server)
         proto.close_with(CLOSE_POLICY, "policy")
     assert await client.recv() == {"type": "pong", "ref": "held"}
     assert await client.wait_closed() == CLOSE_POLICY
+
+
+@ensure
+async def test_a_page_read_to_fill_a_gap_leaves_in_one_write(make_server):
+    server = make_server()
+    members = [await connect(server.port, f"m{i}") for i in range(2)]
+    for m in members:
+        await m.join("room")
+    # Stored behind the registry's back: only a read from the store brings them.
+    n = 5
+    for i in range(n):
+        await server.store.append("room", "ghost", f"b{i}")
+    before = server.factory.coalesced_frames
+    server.registry.resync()
+    for m in members:
+        got = [await m.expect("message") for _ in range(n)]
+        assert [(f["id"], f["body"]) for f in got] == [(i + 1, f"b{i}") for i in range(n)]
+    assert server.factory.coalesced_frames - before == n * len(members)
+    for m in members:
+        await m.close()

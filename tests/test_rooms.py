@@ -100,3 +100,24 @@ def test_last_member_leaving_unhosts_the_room():
     _, _, registry, member, _ = setup([])
     registry.leave(member, "r")
     assert "r" not in registry.rooms
+
+
+def test_a_gap_fill_delivers_its_page_inside_the_batch_scope():
+    from contextlib import contextmanager
+
+    clock, store, registry, member, _ = setup([])
+    scopes = []
+
+    @contextmanager
+    def scope():
+        scopes.append(len(member.got))
+        yield
+        scopes[-1] = (scopes[-1], len(member.got))
+
+    registry.batch_scope = scope
+    store.messages = [msg(1), msg(2), msg(3)]
+    registry.offer("r", 4, frame(4))
+    clock.advance(1)
+    assert member.got == [1, 2, 3, 4]
+    # The page (1-3) in one scope, the buffered 4 drained in the next.
+    assert scopes == [(0, 3), (3, 4)]
