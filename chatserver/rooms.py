@@ -12,8 +12,8 @@ id order, however the broker behaves.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -39,7 +39,17 @@ class Member(Protocol):
 
 
 class Room:
-    __slots__ = ("buffer", "filling", "gap_timer", "last_id", "members", "name", "ready", "waiters")
+    __slots__ = (
+        "buffer",
+        "filling",
+        "gap_timer",
+        "last_id",
+        "members",
+        "name",
+        "ready",
+        "version",
+        "waiters",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -50,6 +60,7 @@ class Room:
         self.buffer: dict[int, bytes] = {}
         self.gap_timer: IDelayedCall | None = None
         self.filling = False
+        self.version = 0  # bumped whenever members change
 
 
 def broker_payload(message_id: int, frame: bytes) -> bytes:
@@ -82,9 +93,12 @@ class RoomRegistry:
         self.delivered = 0
         self.gap_fills = 0
         self.dropped_broker_frames = 0
-        # Entered around delivering a page read from the store; the service
-        # makes it hold each connection's frames for one write.
-        self.batch_scope: Callable[[], AbstractContextManager[None]] = nullcontext
+        self.coalesced_frames = 0
+        # Inside batch(): per room, the members as they were and the frames held.
+        self._held: dict[Room, tuple[int, tuple[Member, ...], list[bytes]]] | None = None
+        # Entered inside batch(): the service makes it hold each connection's
+        # other frames (acks) for one write, which goes before the rooms' frames.
+        self.connection_scope: Callable[[], AbstractContextManager[None]] = nullcontext
 
     # -- membership -----------------------------------------------------------
 
@@ -98,6 +112,7 @@ class RoomRegistry:
         d: Deferred[int] = Deferred()
         if room is not None and room.ready:
             room.members.add(member)
+            room.version += 1
             d.callback(room.last_id)
             return d
         fresh = room is None
@@ -111,6 +126,7 @@ class RoomRegistry:
 
     def _add_member(self, last_id: int, room: Room, member: Member) -> int:
         room.members.add(member)
+        room.version += 1
         return last_id
 
     def leave(self, member: Member, name: str) -> None:
@@ -118,6 +134,7 @@ class RoomRegistry:
         if room is None:
             return
         room.members.discard(member)
+        room.version += 1
         if room.ready and not room.members:
             self._unhost(room)
 
@@ -183,11 +200,57 @@ class RoomRegistry:
         if room.ready:
             self._drain(room)
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold what is delivered inside, then give each room's members its frames in one write.
+
+        Entered around a committed store batch, one read from the broker and a
+        page read to fill a gap. A member's frames would otherwise cost one
+        send each, and the send (waking the reader) is most of a delivery's
+        cost. Holding per room, not per connection, costs nothing per member
+        when there is nothing to join: the frames are joined once per room.
+        What each member gets is exactly what it would have got at once: the
+        room's members are taken as they are when a frame is held, and held
+        frames are written out before a change of members takes effect.
+        """
+        if self._held is not None:  # nested: the outermost writes
+            yield
+            return
+        held: dict[Room, tuple[int, tuple[Member, ...], list[bytes]]] = {}
+        self._held = held
+        try:
+            with self.connection_scope():  # acks go out first, at its end
+                yield
+        finally:
+            self._held = None
+            for _, members, frames in held.values():
+                self._write_out(members, frames)
+
+    def _write_out(self, members: tuple[Member, ...], frames: list[bytes]) -> None:
+        if len(frames) == 1:
+            data = frames[0]
+        else:
+            data = b"".join(frames)
+            self.coalesced_frames += len(frames) * len(members)
+        for member in members:
+            member.deliver(data)
+        self.delivered += len(frames) * len(members)
+
     def _deliver(self, room: Room, message_id: int, frame: bytes) -> None:
         room.last_id = message_id
         if not room.members:
             return
         data = self._prepare(frame)
+        held = self._held
+        if held is not None:
+            entry = held.get(room)
+            if entry is not None:
+                if entry[0] == room.version:
+                    entry[2].append(data)
+                    return
+                self._write_out(entry[1], entry[2])
+            held[room] = (room.version, tuple(room.members), [data])
+            return
         for member in tuple(room.members):
             member.deliver(data)
         self.delivered += len(room.members)
@@ -228,7 +291,7 @@ class RoomRegistry:
                 messages, more = await self._store.history(room.name, None, start, FILL_PAGE)
                 if self.rooms.get(room.name) is not room:
                     return
-                with self.batch_scope():
+                with self.batch():
                     for m in messages:
                         if m.id == room.last_id + 1:
                             self._deliver(
@@ -245,7 +308,7 @@ class RoomRegistry:
         finally:
             room.filling = False
         if self.rooms.get(room.name) is room:
-            with self.batch_scope():
+            with self.batch():
                 self._drain(room)
 
     def resync(self) -> None:

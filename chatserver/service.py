@@ -93,14 +93,15 @@ class ChatServerService(MultiService):
         self.store = open_store(config, reactor)
         self.broker = self._make_broker(hub)
         self.factory = ChatFactory(config, reactor, self.store)
-        # A committed batch, a read of messages from the bus, or a page read
-        # to fill a gap leaves as one write per connection.
-        self.store.batch_scope = self.broker.batch_scope = self.factory.coalesced
         self.gc_pauses = GCPauses()
         self.registry = RoomRegistry(
             self.store, self.broker, self.factory.wire_frame, reactor, config.gap_timeout
         )
-        self.registry.batch_scope = self.factory.coalesced
+        # A committed batch, a read of messages from the bus, or a page read to
+        # fill a gap: each room's frames leave as one write per member, after
+        # each connection's other frames (acks), also joined.
+        self.registry.connection_scope = self.factory.coalesced
+        self.store.batch_scope = self.broker.batch_scope = self.registry.batch
         self.chat = Chat(config, self.store, self.registry, self.broker, reactor)
         self.factory.chat = self.chat
         children: dict[bytes, Any] = {

@@ -540,12 +540,12 @@ class ChatFactory(WebSocketServerFactory):
     def coalesced(self) -> Iterator[None]:
         """Hold every frame written inside, then give each connection its frames in one write.
 
-        A group commit acks and delivers a whole batch at once: with 50 of a
-        room's messages in it, each member would otherwise cost 50 sends, and
-        the send (waking the reader) is most of a delivery's cost. Under
-        overload batches grow, so this makes an overloaded server cheaper per
-        message exactly when it needs to be. Order per connection is kept:
-        every frame written inside is held, in order, and written whole.
+        A group commit acks a whole batch at once: a sender with 50 messages
+        in it would otherwise cost 50 sends, and the send (waking the reader)
+        is most of what a frame costs. The room's messages themselves are
+        held per room by the registry, which enters this inside its own
+        batch, so the acks go first. Order per connection is kept: every
+        frame written inside is held, in order, and written whole.
         """
         if self.held is not None:  # nested: the outermost writes
             yield

@@ -1,4 +1,4 @@
-"""A committed batch leaves in one write per connection, in order, acks first.
+"""A committed batch leaves in one write per connection and room, in order, acks first.
 
 The batch is made real: a lock held on the room's row in Postgres stops the
 first transaction, the sends behind it queue, and all of them commit together
@@ -16,6 +16,10 @@ from chatserver import wire
 from chatserver.chat import CLOSE_POLICY
 
 ensure = pytest_twisted.ensureDeferred
+
+
+def coalesced(server) -> int:
+    return server.factory.coalesced_frames + server.registry.coalesced_frames
 
 
 @pytest.mark.postgres
@@ -41,27 +45,28 @@ async def test_a_batch_reaches_each_connection_in_one_write_in_order(make_server
         # Frames are handled in order: once the pong is back, all n sends are queued
         # behind the transaction the lock holds (nothing is acked yet).
         assert await sender.drain_to_pong() == []
-        before = server.factory.coalesced_frames
+        before = coalesced(server)
     finally:
         locker.rollback()
         locker.close()
 
     got = [await sender.recv() for _ in range(2 * n)]
+    # The first queued send went alone; the other n - 1 formed one batch, whose
+    # acks went out together before its messages (each ack before its message).
     assert [(f["type"], f.get("ref"), f.get("id")) for f in got] == [
-        (kind, i if kind == "ack" else None, i + 1)
-        for i in range(1, n + 1)
-        for kind in ("ack", "message")
+        ("ack", 1, 2),
+        ("message", None, 2),
+        *[("ack", i, i + 1) for i in range(2, n + 1)],
+        *[("message", None, i + 1) for i in range(2, n + 1)],
     ]
     for m in members:
         assert [(await m.recv())["id"] for _ in range(n)] == list(range(2, n + 2))
-    # The first queued send went alone; the other n - 1 formed one batch: each
-    # member's n - 1 messages and the sender's acks and messages left together.
-    assert server.factory.coalesced_frames - before >= (n - 1) * (2 + 2)
+    # The batch's n - 1 acks to the sender, and its n - 1 messages to each of the
+    # three in the room, each left in one write.
+    assert coalesced(server) - before == (n - 1) * (1 + 3)
     code, body = await http_get(server.port, "/metrics")
     assert code == 200
-    assert f"chatserver_frames_coalesced_total {float(server.factory.coalesced_frames)}" in (
-        body.decode()
-    )
+    assert f"chatserver_frames_coalesced_total {float(coalesced(server))}" in body.decode()
     for c in (sender, *members):
         await c.close()
 
@@ -89,11 +94,11 @@ async def test_a_page_read_to_fill_a_gap_leaves_in_one_write(make_server):
     n = 5
     for i in range(n):
         await server.store.append("room", "ghost", f"b{i}")
-    before = server.factory.coalesced_frames
+    before = coalesced(server)
     server.registry.resync()
     for m in members:
         got = [await m.expect("message") for _ in range(n)]
         assert [(f["id"], f["body"]) for f in got] == [(i + 1, f"b{i}") for i in range(n)]
-    assert server.factory.coalesced_frames - before == n * len(members)
+    assert coalesced(server) - before == n * len(members)
     for m in members:
         await m.close()

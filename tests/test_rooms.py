@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
@@ -9,6 +11,8 @@ from chatserver import wire
 from chatserver.broker.memory import MemoryBroker, MemoryHub
 from chatserver.rooms import RoomRegistry, broker_payload
 from chatserver.store import StoredMessage
+
+DECODER = json.JSONDecoder()
 
 
 class ListStore:
@@ -32,9 +36,15 @@ class Member:
 
     def __init__(self):
         self.got = []
+        self.writes = 0
 
     def deliver(self, prepared):
-        self.got.append(__import__("json").loads(prepared)["id"])
+        # Frames of one batch arrive joined in one write.
+        text, end = prepared.decode(), 0
+        while end < len(text):
+            frame, end = DECODER.raw_decode(text, end)
+            self.got.append(frame["id"])
+        self.writes += 1
 
 
 def msg(i):
@@ -102,22 +112,38 @@ def test_last_member_leaving_unhosts_the_room():
     assert "r" not in registry.rooms
 
 
-def test_a_gap_fill_delivers_its_page_inside_the_batch_scope():
-    from contextlib import contextmanager
-
+def test_a_gap_fill_page_reaches_each_member_in_one_write():
     clock, store, registry, member, _ = setup([])
-    scopes = []
-
-    @contextmanager
-    def scope():
-        scopes.append(len(member.got))
-        yield
-        scopes[-1] = (scopes[-1], len(member.got))
-
-    registry.batch_scope = scope
     store.messages = [msg(1), msg(2), msg(3)]
     registry.offer("r", 4, frame(4))
     clock.advance(1)
     assert member.got == [1, 2, 3, 4]
-    # The page (1-3) in one scope, the buffered 4 drained in the next.
-    assert scopes == [(0, 3), (3, 4)]
+    # The page (1-3) in one write, the buffered 4 drained after it in another.
+    assert member.writes == 2
+    assert registry.coalesced_frames == 3
+
+
+def test_a_member_gets_in_a_batch_exactly_what_it_would_have_got_at_once():
+    _, _, registry, first, _ = setup([])
+    second = Member()
+    with registry.batch():
+        registry.offer("r", 1, frame(1))
+        registry.join(second, "r")  # joins after 1: gets 2 and 3 only
+        registry.offer("r", 2, frame(2))
+        registry.leave(first, "r")  # leaves after 2: never gets 3
+        registry.offer("r", 3, frame(3))
+        assert second.got == [2]  # 3 is still held
+    assert first.got == [1, 2]
+    assert second.got == [2, 3]
+    assert registry.delivered == 4
+
+
+def test_batches_nest_and_the_outermost_writes():
+    _, _, registry, member, _ = setup([])
+    with registry.batch():
+        registry.offer("r", 1, frame(1))
+        with registry.batch():
+            registry.offer("r", 2, frame(2))
+        assert member.got == []
+    assert member.got == [1, 2]
+    assert member.writes == 1
