@@ -58,7 +58,7 @@ class ServerCollector:
         yield _counter(
             "frames_coalesced",
             "Frames that left in one write with others for the same connection (batches).",
-            factory.coalesced_frames + registry.coalesced_frames,
+            s.coalesced_frames,
         )
         yield _counter(
             "gap_fills", "Times missing ids were read from the store.", registry.gap_fills

@@ -144,6 +144,11 @@ class ChatServerService(MultiService):
 
         return RedisBroker(self.config, self.reactor)
 
+    @property
+    def coalesced_frames(self) -> int:
+        """Frames that left in one write with others: acks per connection, messages per room."""
+        return self.factory.coalesced_frames + self.registry.coalesced_frames
+
     def health(self) -> tuple[int, dict[str, Any]]:
         return 200, {
             "status": "ok",

@@ -18,10 +18,6 @@ from chatserver.chat import CLOSE_POLICY
 ensure = pytest_twisted.ensureDeferred
 
 
-def coalesced(server) -> int:
-    return server.factory.coalesced_frames + server.registry.coalesced_frames
-
-
 @pytest.mark.postgres
 @ensure
 async def test_a_batch_reaches_each_connection_in_one_write_in_order(make_server, pg_url):
@@ -45,7 +41,7 @@ async def test_a_batch_reaches_each_connection_in_one_write_in_order(make_server
         # Frames are handled in order: once the pong is back, all n sends are queued
         # behind the transaction the lock holds (nothing is acked yet).
         assert await sender.drain_to_pong() == []
-        before = coalesced(server)
+        before = server.coalesced_frames
     finally:
         locker.rollback()
         locker.close()
@@ -63,10 +59,10 @@ async def test_a_batch_reaches_each_connection_in_one_write_in_order(make_server
         assert [(await m.recv())["id"] for _ in range(n)] == list(range(2, n + 2))
     # The batch's n - 1 acks to the sender, and its n - 1 messages to each of the
     # three in the room, each left in one write.
-    assert coalesced(server) - before == (n - 1) * (1 + 3)
+    assert server.coalesced_frames - before == (n - 1) * (1 + 3)
     code, body = await http_get(server.port, "/metrics")
     assert code == 200
-    assert f"chatserver_frames_coalesced_total {float(coalesced(server))}" in body.decode()
+    assert f"chatserver_frames_coalesced_total {float(server.coalesced_frames)}" in body.decode()
     for c in (sender, *members):
         await c.close()
 
@@ -94,11 +90,11 @@ async def test_a_page_read_to_fill_a_gap_leaves_in_one_write(make_server):
     n = 5
     for i in range(n):
         await server.store.append("room", "ghost", f"b{i}")
-    before = coalesced(server)
+    before = server.coalesced_frames
     server.registry.resync()
     for m in members:
         got = [await m.expect("message") for _ in range(n)]
         assert [(f["id"], f["body"]) for f in got] == [(i + 1, f"b{i}") for i in range(n)]
-    assert coalesced(server) - before == n * len(members)
+    assert server.coalesced_frames - before == n * len(members)
     for m in members:
         await m.close()

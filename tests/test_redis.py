@@ -10,6 +10,9 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
 from wsclient import connect
 
+from chatserver import wire
+from chatserver.rooms import broker_payload
+
 ensure = pytest_twisted.ensureDeferred
 pytestmark = pytest.mark.redis
 
@@ -356,3 +359,29 @@ async def test_a_message_stored_during_shutdown_still_reaches_the_other_instance
     got = await cb.expect("message")
     assert (got["id"], got["body"]) == (message.id, "said as A stops")
     await stopping
+
+
+@ensure
+async def test_the_messages_of_one_read_from_redis_reach_each_member_in_one_write(
+    make_server, redis
+):
+    (b,) = instances(make_server, redis.url, 1)
+    await ready(b)
+    members = [await connect(b.port, f"m{i}") for i in range(2)]
+    for m in members:
+        await m.join("r")
+    # B stops reading its subscriber socket; what Redis sends meanwhile waits
+    # there and is taken in one read when B reads again.
+    b.broker._subscriber.transport.pauseProducing()
+    n = 5
+    channel = b.broker._channel("r")
+    for i in range(1, n + 1):
+        frame = wire.encode_message("r", i, "ghost", f"b{i}", 0)
+        assert redis.command("PUBLISH", channel, broker_payload(i, frame)) == 1
+    redis.command("PING")  # Redis has written out everything before it
+    before = b.registry.coalesced_frames
+    b.broker._subscriber.transport.resumeProducing()
+    for m in members:
+        got = await messages(m, n)
+        assert [(f["id"], f["body"]) for f in got] == [(i, f"b{i}") for i in range(1, n + 1)]
+    assert b.registry.coalesced_frames - before == n * len(members)
