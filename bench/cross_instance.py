@@ -111,6 +111,43 @@ def fast_generator() -> bool:
     return True
 
 
+C_MEMBERS_SOURCE = HERE / "c_members.c"
+C_MEMBERS_BINARY = HERE / ".build" / "c_members"
+
+
+def c_members() -> Path | None:
+    """The members generator in C (bench/c_members.c), built on first use; None without cc.
+
+    ``CHATBENCH_MEMBERS=python`` keeps the Python members, to compare generators.
+    """
+    if os.environ.get("CHATBENCH_MEMBERS") == "python":
+        return None
+    binary, source = C_MEMBERS_BINARY, C_MEMBERS_SOURCE
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        return binary
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    binary.parent.mkdir(exist_ok=True)
+    built = subprocess.run(
+        [cc, "-O2", "-o", str(binary), str(source), "-lm"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        print(f"bench/c_members.c did not build, using Python members:\n{built.stderr}")
+        return None
+    return binary
+
+
+def generator_name(role: str) -> str:
+    """Which generator plays ``role`` in this run, for the report."""
+    if role == "members" and c_members() is not None:
+        return "C (epoll)"
+    return "picows" if fast_generator() else "autobahn"
+
+
 def can_pin() -> bool:
     """taskset exists and CPUs 0 and 1 are both ours; otherwise run unpinned."""
     if shutil.which("taskset") is None:
@@ -673,7 +710,10 @@ class Generator:
         self._buffer = b""
         self.events: set[str] = set()
         self.result: dict[str, Any] | None = None
-        if fast:  # picows + uvloop (bench/requirements.txt)
+        c_binary = c_members() if role == "members" else None
+        if c_binary is not None:
+            argv = [str(c_binary), role]
+        elif fast:  # picows + uvloop (bench/requirements.txt)
             argv = [sys.executable, str(HERE / "fast_generator.py"), role]
         else:
             argv = [sys.executable, str(Path(__file__).resolve()), "--_generator", role]
@@ -819,7 +859,8 @@ def report(
         f" members={args.members} rate={args.rate:g}/s "
         f"window={window:.2f}s; pinning: {pinning}\n"
         f"members' drain: {m['drain']:.2f}s, ended: {m['drain_end']};"
-        f" generator: {'picows' if fast_generator() else 'autobahn'}"
+        f" generator: members {generator_name('members')},"
+        f" senders {generator_name('senders')}"
     )
     lines = [head, "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
