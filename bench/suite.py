@@ -31,6 +31,7 @@ DEFAULT_RATES = (
     "12000,16000,20000,24000"
 )
 GENERATOR_BOUND = 90.0
+GENERATORS: set[str] = set()  # which generator ran, as cross_instance.py reports it
 
 
 def run_one(server: str, rate: int, seconds: float) -> dict[str, float] | None:
@@ -64,6 +65,7 @@ def run_one(server: str, rate: int, seconds: float) -> dict[str, float] | None:
         sys.stderr.write(f"{server} at {rate}/s: no result\n{out[-2000:]}\n{done.stderr[-2000:]}\n")
         return None
     p50, _, p99, _ = (float(v) for v in latency.split(" / "))
+    GENERATORS.add(grab(r"generator: (members [^\n]+)") or "unknown")
     return {
         "rate": rate,
         "deliveries": float(delivered),
@@ -151,6 +153,7 @@ def main() -> int:
         f" (a step that broke it ran up to {args.retries} more time(s); the last run counts). "
         f"* the generator was at {GENERATOR_BOUND:.0f}% or more of its core in that step: "
         "a floor for the server, not its limit."
+        f" Generator: {'; '.join(sorted(GENERATORS)) or '-'}."
     )
     return 0
 
