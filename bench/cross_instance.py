@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -115,6 +116,7 @@ C_MEMBERS_SOURCE = HERE / "c_members.c"
 C_MEMBERS_BINARY = HERE / ".build" / "c_members"
 
 
+@functools.cache  # one build (or one failed attempt) per run
 def c_members() -> Path | None:
     """The members generator in C (bench/c_members.c), built on first use; None without cc.
 

@@ -39,17 +39,7 @@ class Member(Protocol):
 
 
 class Room:
-    __slots__ = (
-        "buffer",
-        "filling",
-        "gap_timer",
-        "last_id",
-        "members",
-        "name",
-        "ready",
-        "version",
-        "waiters",
-    )
+    __slots__ = ("buffer", "filling", "gap_timer", "last_id", "members", "name", "ready", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -60,7 +50,6 @@ class Room:
         self.buffer: dict[int, bytes] = {}
         self.gap_timer: IDelayedCall | None = None
         self.filling = False
-        self.version = 0  # bumped whenever members change
 
 
 def broker_payload(message_id: int, frame: bytes) -> bytes:
@@ -94,8 +83,8 @@ class RoomRegistry:
         self.gap_fills = 0
         self.dropped_broker_frames = 0
         self.coalesced_frames = 0
-        # Inside batch(): per room, the members as they were and the frames held.
-        self._held: dict[Room, tuple[int, tuple[Member, ...], list[bytes]]] | None = None
+        # Inside batch(): per room, the frames held for its members.
+        self._held: dict[Room, list[bytes]] | None = None
         # Entered inside batch(): the service makes it hold each connection's
         # other frames (acks) for one write, which goes before the rooms' frames.
         self.connection_scope: Callable[[], AbstractContextManager[None]] = nullcontext
@@ -111,8 +100,8 @@ class RoomRegistry:
         room = self.rooms.get(name)
         d: Deferred[int] = Deferred()
         if room is not None and room.ready:
+            self._release(room)
             room.members.add(member)
-            room.version += 1
             d.callback(room.last_id)
             return d
         fresh = room is None
@@ -125,16 +114,16 @@ class RoomRegistry:
         return d
 
     def _add_member(self, last_id: int, room: Room, member: Member) -> int:
+        self._release(room)
         room.members.add(member)
-        room.version += 1
         return last_id
 
     def leave(self, member: Member, name: str) -> None:
         room = self.rooms.get(name)
         if room is None:
             return
+        self._release(room)
         room.members.discard(member)
-        room.version += 1
         if room.ready and not room.members:
             self._unhost(room)
 
@@ -209,24 +198,33 @@ class RoomRegistry:
         send each, and the send (waking the reader) is most of a delivery's
         cost. Holding per room, not per connection, costs nothing per member
         when there is nothing to join: the frames are joined once per room.
-        What each member gets is exactly what it would have got at once: the
-        room's members are taken as they are when a frame is held, and held
-        frames are written out before a change of members takes effect.
+        What each member gets is exactly what it would have got at once: a
+        change of a room's members first writes out what was held for the
+        members before it, so a member that leaves (or is kicked) has its
+        room's earlier frames before anything sent to it after the change.
         """
         if self._held is not None:  # nested: the outermost writes
             yield
             return
-        held: dict[Room, tuple[int, tuple[Member, ...], list[bytes]]] = {}
+        held: dict[Room, list[bytes]] = {}
         self._held = held
         try:
             with self.connection_scope():  # acks go out first, at its end
                 yield
         finally:
             self._held = None
-            for _, members, frames in held.values():
-                self._write_out(members, frames)
+            for room, frames in held.items():
+                self._write_out(room, frames)
 
-    def _write_out(self, members: tuple[Member, ...], frames: list[bytes]) -> None:
+    def _release(self, room: Room) -> None:
+        """Before a change of ``room``'s members: write what is held for the members now."""
+        if self._held is not None:
+            frames = self._held.pop(room, None)
+            if frames is not None:
+                self._write_out(room, frames)
+
+    def _write_out(self, room: Room, frames: list[bytes]) -> None:
+        members = tuple(room.members)
         if len(frames) == 1:
             data = frames[0]
         else:
@@ -243,17 +241,13 @@ class RoomRegistry:
         data = self._prepare(frame)
         held = self._held
         if held is not None:
-            entry = held.get(room)
-            if entry is not None:
-                if entry[0] == room.version:
-                    entry[2].append(data)
-                    return
-                self._write_out(entry[1], entry[2])
-            held[room] = (room.version, tuple(room.members), [data])
+            frames = held.get(room)
+            if frames is None:
+                held[room] = [data]
+            else:
+                frames.append(data)
             return
-        for member in tuple(room.members):
-            member.deliver(data)
-        self.delivered += len(room.members)
+        self._write_out(room, [data])
 
     def _drain(self, room: Room) -> None:
         buffer = room.buffer

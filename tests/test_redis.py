@@ -385,3 +385,28 @@ async def test_the_messages_of_one_read_from_redis_reach_each_member_in_one_writ
         got = await messages(m, n)
         assert [(f["id"], f["body"]) for f in got] == [(i, f"b{i}") for i in range(1, n + 1)]
     assert b.registry.coalesced_frames - before == n * len(members)
+
+
+@ensure
+async def test_a_kick_read_with_a_message_before_it_reaches_the_member_after_the_message(
+    make_server, redis
+):
+    (b,) = instances(make_server, redis.url, 1)
+    await ready(b)
+    kicked, stays = await connect(b.port, "kicked"), await connect(b.port, "stays")
+    for m in (kicked, stays):
+        await m.join("r")
+    # A message, then a kick from another instance, taken by B in one read.
+    b.broker._subscriber.transport.pauseProducing()
+    frame = wire.encode_message("r", 1, "ghost", "before the kick", 0)
+    assert redis.command("PUBLISH", b.broker._channel("r"), broker_payload(1, frame)) == 1
+    kick = {"op": "kick", "room": "r", "user": "kicked", "reason": "bye"}
+    assert redis.command("PUBLISH", b.broker._control_channel, wire.encode(kick)) == 1
+    redis.command("PING")  # Redis has written out everything before it
+    b.broker._subscriber.transport.resumeProducing()
+    first, second = await kicked.recv(), await kicked.recv()
+    assert (first["type"], first.get("id")) == ("message", 1)
+    assert second == {"type": "kicked", "room": "r", "reason": "bye"}
+    assert [f["id"] for f in await messages(stays, 1)] == [1]
+    for m in (kicked, stays):
+        await m.close()

@@ -131,6 +131,9 @@ def test_a_member_gets_in_a_batch_exactly_what_it_would_have_got_at_once():
         registry.join(second, "r")  # joins after 1: gets 2 and 3 only
         registry.offer("r", 2, frame(2))
         registry.leave(first, "r")  # leaves after 2: never gets 3
+        # What was held for it is written as it leaves, before anything sent
+        # to it afterwards (a "kicked" frame, say).
+        assert first.got == [1, 2]
         registry.offer("r", 3, frame(3))
         assert second.got == [2]  # 3 is still held
     assert first.got == [1, 2]
