@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
+import sys
 
 import jwt
 import pytest
@@ -11,21 +13,10 @@ import pytest_twisted
 from clientproc import chat_lines, spawn_client, talk_elsewhere
 from wsclient import connect
 
-from chatserver.client import (
-    Acked,
-    Backoff,
-    Message,
-    Notice,
-    Problem,
-    Resync,
-    Session,
-    TokenBucket,
-    close_verdict,
-    format_message,
-    parse_line,
-    printable,
-    with_credentials,
-)
+from chatserver.client.connection import close_verdict, with_credentials
+from chatserver.client.events import Acked, Message, Notice, Problem, Resync
+from chatserver.client.session import Backoff, RoomState, Session, TokenBucket
+from chatserver.client.terminal import format_message, parse_line, printable
 
 ensure = pytest_twisted.ensureDeferred
 SECRET = "test-secret-that-is-long-enough-for-hs256"
@@ -280,6 +271,174 @@ def test_helpers():
     assert parse_line("//not a command") == ("say", "/not a command")
     assert parse_line("/join  lobby ") == ("join", "lobby")
     assert parse_line("/QUIT") == ("quit", "")
+
+
+class EdgeRandom(random.Random):
+    """A "random" that always picks one end of the range, and records what it was asked."""
+
+    def __init__(self, upper: bool) -> None:
+        super().__init__(0)
+        self.upper = upper
+        self.asked: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.asked.append((a, b))
+        return b if self.upper else a
+
+
+def test_backoff_doubles_from_the_base_to_the_cap_and_jitters_over_the_upper_half():
+    top = Backoff(base=0.5, cap=8.0, rng=EdgeRandom(upper=True))
+    assert [top.next_delay() for _ in range(7)] == [0.5, 1, 2, 4, 8, 8, 8]
+    bottom_rng = EdgeRandom(upper=False)
+    bottom = Backoff(base=0.5, cap=8.0, rng=bottom_rng)
+    assert [bottom.next_delay() for _ in range(7)] == [0.25, 0.5, 1, 2, 4, 4, 4]
+    assert bottom_rng.asked == [(c / 2, c) for c in (0.5, 1, 2, 4, 8, 8, 8)]
+    bottom.reset()
+    assert bottom.attempt == 0 and bottom.next_delay() == 0.25
+
+
+def test_backoff_defaults_and_a_client_offline_for_a_very_long_time():
+    b = Backoff(rng=EdgeRandom(upper=True))
+    assert [b.next_delay() for _ in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    for _ in range(5000):  # days of retries: the exponent must not overflow
+        assert b.next_delay() == 30
+
+
+def test_token_bucket_refills_at_its_rate_and_never_beyond_its_burst():
+    bucket = TokenBucket(rate=10, burst=3)
+    assert bucket.delay(1e9) == 0  # full at first use, whatever the clock reads
+    for _ in range(3):
+        bucket.take(1e9)
+    assert bucket.delay(1e9 + 0.05) == pytest.approx(0.05)  # half a token so far
+    assert bucket.delay(1e9 + 0.1) == pytest.approx(0)
+    bucket.take(1e9 + 0.1)
+    assert bucket.delay(1e9 + 0.1) == pytest.approx(0.1)
+    # A long idle time refills only up to the burst: 3 frames at once, then paced.
+    later = 1e9 + 100
+    for _ in range(3):
+        assert bucket.delay(later) == 0
+        bucket.take(later)
+    assert bucket.delay(later) == pytest.approx(0.1)
+
+
+def test_room_state_shows_each_id_once_and_only_the_stream_moves_the_cursor():
+    state = RoomState("r")
+    m = [Message("r", i, "bob", f"m{i}", 0) for i in range(10)]
+    assert state.accept(m[5], stream=False)  # a backlog page
+    assert (state.cursor, state.oldest) == (None, 5)
+    assert not state.accept(m[5])  # its live copy, late: not shown again...
+    assert state.cursor == 5  # ...but the stream has reached it
+    assert state.accept(m[3], stream=False) and state.oldest == 3 and state.cursor == 5
+    assert state.accept(m[7]) and state.cursor == 7
+    assert not state.accept(m[7]) and not state.accept(m[3], stream=False)
+    assert state.seen == {3, 5, 7}
+
+
+def live_session(*rooms: str) -> Session:
+    """A session whose rooms are joined (empty) and live."""
+    s = Session("alice", rooms, backlog=0)
+    s.connected()
+    for f in s.drain()[0]:
+        answer(s, f, "joined", room=f["room"], last_id=None)
+    s.drain()
+    return s
+
+
+def test_duplicates_are_dropped_by_room_and_id():
+    s = live_session("a", "b")
+    s.handle(msg("a", 1))
+    s.handle(msg("b", 1))  # same id, another room: another message
+    s.handle(msg("a", 1))  # the same message again
+    s.handle(msg("a", 2))
+    assert shown(s.drain()[1]) == [("a", 1), ("b", 1), ("a", 2)]
+    assert s.rooms["a"].seen == {1, 2} and s.rooms["b"].seen == {1}
+
+
+def test_live_messages_held_during_a_catch_up_are_shown_after_it_in_id_order():
+    s = live_session("r")
+    s.handle(msg("r", 1))
+    s.drain()
+    s.disconnected()
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "joined", room="r", last_id=4)
+    (page,), _ = s.drain()
+    s.older(2)  # asked during the catch-up: sent once the room is live
+    s.handle(msg("r", 6))  # live, out of order, and newer than the catch-up
+    s.handle(msg("r", 5))
+    assert s.drain() == ([], [])
+    answer(s, page, "history", room="r", messages=[msg("r", i) for i in (2, 3, 4)])
+    (older,), events = s.drain()
+    assert shown(events) == [("r", 2), ("r", 3), ("r", 4), ("r", 5), ("r", 6)]
+    assert older == {"type": "history", "room": "r", "before": 1, "limit": 2, "ref": older["ref"]}
+
+
+def test_messages_held_when_the_connection_drops_are_fetched_again_not_kept():
+    s = live_session("r")
+    s.disconnected()
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "joined", room="r", last_id=3)
+    s.drain()
+    s.handle(msg("r", 4))  # held: the catch-up is still on its way
+    s.disconnected()
+    assert s.rooms["r"].held == []
+    s.handle(msg("r", 5))  # offline (a late frame of the old connection): ignored
+    assert s.drain() == ([], [])
+    assert s.rooms["r"].cursor == 0
+
+
+def test_pending_sends_that_can_no_longer_go_are_reported():
+    s = live_session("a", "b")
+    s.current = "a"
+    s.say("y" * 80)
+    (send,), _ = s.drain()
+    answer(s, send, "error", code="too_large", message="body too long")
+    assert s.drain()[1] == [Problem("too_large", f"body too long (not sent: {'y' * 57}...)")]
+    assert s.outbox.items == []
+    s.disconnected()
+    s.say("to a", room="a")
+    s.say("to b", room="b")
+    s.drain()
+    s.leave("a")
+    frames, events = s.drain()
+    assert frames == []
+    assert events == [
+        Problem("not_sent", "left a before this was sent: to a"),
+        Notice("left a"),
+    ]
+    assert [i.body for i in s.outbox.items] == ["to b"] and s.current == "b"
+
+
+def test_a_busy_server_refusing_a_join_keeps_the_room_and_resyncs():
+    s = Session("alice", ["r"], backlog=0)
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "error", code="rate_limited", message="slow down")
+    events = s.drain()[1]
+    assert events == [Resync("join r: rate_limited"), Problem("rate_limited", "join r: slow down")]
+    assert list(s.rooms) == ["r"]  # joined again after the reconnect
+
+
+def test_the_session_layer_imports_no_io():
+    code = (
+        "import sys, chatserver.client.session, chatserver.client.outbox;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'twisted', 'autobahn', 'zope'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_entry_point_and_python_dash_m():
+    from chatserver.client import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["ws://h/ws"])  # no --user nor --token
+    assert exited.value.code == 2
+    out = subprocess.run(
+        [sys.executable, "-m", "chatserver.client", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("usage: chatserver-client ")
 
 
 # --- the real program against real servers ----------------------------------------

@@ -1,0 +1,430 @@
+"""The client's session logic, sans I/O: no sockets, no reactor, no terminal, no clock.
+
+Why sans I/O: resuming after a drop is the part of the client that must be
+right (nothing missing, nothing doubled, nothing out of order), and it is easy
+to get wrong in the corners (a live message overtaking a catch-up page, an ack
+lost with the connection). Here it is a plain object that takes frames (dicts)
+and user actions in and gives frames to send and events to show out, so tests
+drive every such corner with dicts and no server. The policies the driver
+applies over time, ``Backoff`` (reconnects) and ``TokenBucket`` (pacing), take
+the time or the randomness as parameters for the same reason.
+
+Resuming after a drop (server restart, network loss): the client reconnects
+with exponential backoff and jitter (so a restarted server is not hit by every
+client in the same instant), rejoins its rooms and asks ``history`` ``after``
+the newest id it has shown in each room, paging until ``more`` is false. Live
+messages that arrive meanwhile are held and merged in id order, and every
+message is shown at most once per (room, id), so nothing goes missing or
+doubles however the catch-up and the live stream overlap. Messages written
+meanwhile wait in the ``Outbox`` (``chatserver.client.outbox``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatserver.client.events import (
+    Acked,
+    Event,
+    Frame,
+    Message,
+    Notice,
+    Problem,
+    Resync,
+    make_frame,
+)
+from chatserver.client.outbox import Outbox, Outgoing
+from chatserver.wire import HISTORY_LIMIT_MAX, is_valid_name
+
+DEFAULT_BACKLOG = 20
+DEFAULT_OLDER = 20
+CATCHUP_PAGE = HISTORY_LIMIT_MAX
+
+
+# --- the policies over time: time and randomness come in as parameters --------------
+
+
+class Backoff:
+    """Exponential backoff with "equal jitter": the n-th retry waits between half and
+    all of ``min(cap, base * 2**n)``. The growth keeps a dead server from being
+    hammered; the jitter spreads thousands of clients that lost the same server in
+    the same instant over the window instead of reconnecting in one burst; the
+    lower half-bound keeps a client from spinning on immediate retries."""
+
+    def __init__(
+        self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        """Seconds to wait before the next attempt; each call counts as one attempt.
+        The exponent is bounded so a client that stays offline for days cannot
+        overflow the float before ``cap`` applies."""
+        ceiling = min(self.cap, self.base * 2 ** min(self.attempt, 32))
+        self.attempt += 1
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        """After a connection opened: the next drop starts from short delays again."""
+        self.attempt = 0
+
+
+class TokenBucket:
+    """Client-side pacing under the server's rate limit (20 frames/s, burst 40 by
+    default). A client in many rooms rejoins and catches up with two or more frames
+    per room at once; unpaced, that burst would be answered ``rate_limited``."""
+
+    def __init__(self, rate: float = 10.0, burst: int = 20) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def delay(self, now: float) -> float:
+        """Seconds until a frame may go (0: now)."""
+        self._refill(now)
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        """A frame goes now. Callers ask ``delay`` first; the bucket does not refuse,
+        so that it never has to decide what happens to a frame."""
+        self._refill(now)
+        self._tokens -= 1
+
+
+OFFLINE, JOINING, BACKLOG, CATCHUP, LIVE = "offline", "joining", "backlog", "catchup", "live"
+
+
+@dataclass(slots=True)
+class RoomState:
+    """What the client knows of one room it is in.
+
+    ``cursor``: every message of the room up to this id has been shown, or predates
+    the first join (its ``last_id``); a reconnect asks ``history after cursor``.
+    ``oldest``: the oldest id shown, where ``/history`` continues backwards.
+    ``seen``: ids shown, the de-duplication key with the room name.
+    ``held``: live messages that came while the catch-up was still running, shown
+    after it in id order. ``older``: a ``/history`` page asked for meanwhile.
+    """
+
+    name: str
+    cursor: int | None = None
+    oldest: int | None = None
+    seen: set[int] = field(default_factory=set)
+    phase: str = OFFLINE
+    held: list[Message] = field(default_factory=list)
+    older: int = 0
+
+    def accept(self, message: Message, stream: bool = True) -> bool:
+        """True the first time a message id is offered; then it counts as shown.
+
+        ``stream``: the message came live or from a catch-up page, which together
+        have no gaps, so the cursor may move up to it. A backlog or ``/history``
+        page does not move it: a newer message on such a page may have overtaken
+        its live copy, and a gap below it must still be fetched after a drop.
+        """
+        if stream:
+            self.cursor = message.id if self.cursor is None else max(self.cursor, message.id)
+        if message.id in self.seen:
+            return False
+        self.seen.add(message.id)
+        self.oldest = message.id if self.oldest is None else min(self.oldest, message.id)
+        return True
+
+
+# --- the session ------------------------------------------------------------------
+
+
+class Session:
+    """The protocol logic of one user across any number of connections, without I/O.
+
+    Call ``connected``/``disconnected`` as the transport comes and goes, ``handle``
+    with each frame from the server, and ``join``/``leave``/``say``/``older`` for
+    what the user does; then ``drain`` returns the frames to send and the events
+    to show, in order.
+    """
+
+    def __init__(
+        self,
+        user: str | None,
+        rooms: Iterable[str] = (),
+        backlog: int = DEFAULT_BACKLOG,
+        page: int = CATCHUP_PAGE,
+    ) -> None:
+        self.user = user
+        self.backlog = backlog
+        self.page = page
+        self.rooms: dict[str, RoomState] = {}
+        for room in rooms:
+            self.rooms.setdefault(room, RoomState(room))
+        self.current: str | None = next(iter(self.rooms), None)
+        self.outbox = Outbox()
+        self.online = False
+        self._refs = itertools.count(1)
+        self._pending: dict[str, tuple[str, str]] = {}  # ref -> (purpose, room)
+        self._frames: list[Frame] = []
+        self._events: list[Event] = []
+
+    # outputs
+
+    def drain(self) -> tuple[list[Frame], list[Event]]:
+        """The frames to send and the events to show since the last drain, in order.
+        Collected rather than returned by each call, so that one input (a join answer,
+        say) can yield several frames and events without the caller caring which."""
+        frames, events = self._frames, self._events
+        self._frames, self._events = [], []
+        return frames, events
+
+    def _request(self, kind: str, purpose: str, room: str, **fields: Any) -> str:
+        ref = f"c{next(self._refs)}"
+        self._pending[ref] = (purpose, room)
+        self._frames.append(make_frame(kind, ref, room=room, **fields))
+        return ref
+
+    def _problem(self, code: str, message: str) -> None:
+        self._events.append(Problem(code, message))
+
+    def _notice(self, text: str) -> None:
+        self._events.append(Notice(text))
+
+    # the transport
+
+    def connected(self) -> None:
+        """A new connection is open: rejoin every room; each catches up once joined."""
+        self.online = True
+        self._pending.clear()
+        for state in self.rooms.values():
+            state.phase = JOINING
+            state.held.clear()
+            self._request("join", "join", state.name)
+
+    def disconnected(self) -> None:
+        """Held messages are forgotten (the catch-up after the reconnect fetches them
+        again); messages sent without an ack become unconfirmed."""
+        self.online = False
+        self._pending.clear()
+        for state in self.rooms.values():
+            state.phase = OFFLINE
+            state.held.clear()
+        self.outbox.connection_lost()
+
+    def resumed(self) -> bool:
+        """Connected, and every room joined and caught up."""
+        return self.online and all(s.phase == LIVE for s in self.rooms.values())
+
+    # what the user does
+
+    def join(self, room: str) -> None:
+        """Join a room (or make it current if already in it). Offline, the join waits
+        for ``connected``, which joins every room the session has."""
+        if not is_valid_name(room):
+            self._problem("bad_request", "room must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+            return
+        self.current = room
+        if room in self.rooms:
+            self._notice(f"now in {room}")
+            return
+        state = self.rooms[room] = RoomState(room)
+        if self.online:
+            state.phase = JOINING
+            self._request("join", "join", room)
+
+    def leave(self, room: str | None = None) -> None:
+        """Leave a room (default: the current one). Its unsent messages are reported
+        as not sent: they could only ever be sent to a room we are in."""
+        room = room or self.current
+        if room is None or room not in self.rooms:
+            self._problem("not_member", f"not in room {room}")
+            return
+        del self.rooms[room]
+        for item in self.outbox.drop_room(room):
+            self._problem("not_sent", f"left {room} before this was sent: {excerpt(item.body)}")
+        if self.current == room:
+            self.current = next(reversed(self.rooms), None)
+        if self.online:
+            self._request("leave", "leave", room)
+        else:
+            self._notice(f"left {room}")
+
+    def say(self, body: str, room: str | None = None) -> Outgoing | None:
+        """Post a message to a room (default: the current one); None if not in it.
+        It waits in the outbox until the room is live (joined and caught up): before
+        the join it would be refused, and before the catch-up an unconfirmed copy
+        from the last connection could not yet be told stored or not."""
+        room = room or self.current
+        if room is None or room not in self.rooms:
+            self._problem("not_member", "join a room first: /join ROOM")
+            return None
+        item = self.outbox.add(room, body)
+        if self.rooms[room].phase == LIVE:
+            self._send_item(item)
+        elif not self.online:
+            self._notice("not connected: queued until connected")
+        return item
+
+    def older(self, limit: int = DEFAULT_OLDER) -> None:
+        """The page of messages before the oldest one shown in the current room."""
+        room = self.current
+        if room is None or room not in self.rooms:
+            self._problem("not_member", "join a room first: /join ROOM")
+            return
+        state = self.rooms[room]
+        if state.phase != LIVE:
+            state.older = limit  # asked once the room is joined and caught up
+            return
+        self._request("history", "older", room, before=state.oldest, limit=limit)
+
+    def _send_item(self, item: Outgoing) -> None:
+        ref = self._request("send", "send", item.room, body=item.body)
+        self.outbox.mark_sent(item, ref)
+
+    # frames from the server
+
+    def handle(self, frame: Any) -> None:
+        """One frame from the server. Unknown types are ignored, as the protocol asks."""
+        if not isinstance(frame, dict):
+            return
+        kind = frame.get("type")
+        ref = frame.get("ref")
+        purpose, room = (
+            self._pending.pop(ref, (None, None)) if isinstance(ref, str) else (None, None)
+        )
+        if kind == "message":
+            self._on_message(frame)
+        elif kind == "joined" and purpose == "join":
+            self._on_joined(room, frame.get("last_id"))
+        elif kind == "history" and purpose in ("backlog", "catchup", "older"):
+            self._on_history(purpose, room, frame)
+        elif kind == "ack":
+            item = self.outbox.answered(ref) if isinstance(ref, str) else None
+            if item is not None:
+                self._events.append(Acked(item.local, item.room, frame["id"]))
+        elif kind == "left":
+            self._notice(f"left {frame.get('room')}")
+        elif kind == "kicked":
+            self._on_kicked(frame)
+        elif kind == "error":
+            self._on_error(purpose, room, ref, frame)
+
+    def _on_message(self, obj: dict[str, Any]) -> None:
+        try:
+            message = Message.from_frame(obj)
+        except (KeyError, TypeError):
+            return
+        state = self.rooms.get(message.room)
+        if state is None:
+            return  # a room we just left
+        if state.phase == LIVE:
+            self._deliver(state, message)
+        elif state.phase != OFFLINE:
+            state.held.append(message)
+
+    def _on_joined(self, room: str | None, last_id: Any) -> None:
+        state = self.rooms.get(room or "")
+        if state is None:
+            return  # left again before the join was answered
+        if not isinstance(last_id, int):
+            last_id = None
+        self._notice(f"joined {state.name}")
+        if state.cursor is None:
+            # First join: everything up to last_id is the past, shown as a backlog
+            # and reachable with /history; only what is newer must not be missed.
+            state.cursor = last_id or 0
+            if self.backlog and last_id:
+                state.phase = BACKLOG
+                self._request("history", "backlog", state.name, limit=self.backlog)
+                return
+        elif last_id is not None and last_id > state.cursor:
+            state.phase = CATCHUP
+            self._request("history", "catchup", state.name, after=state.cursor, limit=self.page)
+            return
+        self._go_live(state)
+
+    def _on_history(self, purpose: str, room: str | None, frame: dict[str, Any]) -> None:
+        state = self.rooms.get(room or "")
+        if state is None:
+            return
+        try:
+            messages = [Message.from_frame(m) for m in frame.get("messages") or []]
+        except (KeyError, TypeError):
+            messages = []
+        for message in messages:
+            self._deliver(state, message, stream=purpose == "catchup")
+        if purpose == "older":
+            if not frame.get("more"):
+                self._notice(f"no older messages in {state.name}")
+            return
+        if purpose == "catchup" and frame.get("more") and messages:
+            self._request("history", "catchup", state.name, after=messages[-1].id, limit=self.page)
+            return
+        self._go_live(state)
+
+    def _go_live(self, state: RoomState) -> None:
+        state.phase = LIVE
+        held, state.held = sorted(state.held, key=lambda m: m.id), []
+        for message in held:
+            self._deliver(state, message)
+        self.outbox.settle(state.name)
+        for item in self.outbox.queued(state.name):
+            self._send_item(item)
+        if state.older:
+            limit, state.older = state.older, 0
+            self._request("history", "older", state.name, before=state.oldest, limit=limit)
+
+    def _deliver(self, state: RoomState, message: Message, stream: bool = True) -> None:
+        if not state.accept(message, stream):
+            return
+        self._events.append(message)
+        if self.user is not None and message.user == self.user:
+            item = self.outbox.match(message.room, message.body)
+            if item is not None:
+                self._events.append(Acked(item.local, message.room, message.id))
+
+    def _on_kicked(self, frame: dict[str, Any]) -> None:
+        room = frame.get("room")
+        if isinstance(room, str) and self.rooms.pop(room, None) is not None:
+            self.outbox.drop_room(room)
+            if self.current == room:
+                self.current = next(reversed(self.rooms), None)
+            self._problem("kicked", f"removed from {room} ({frame.get('reason')})")
+
+    def _on_error(
+        self, purpose: str | None, room: str | None, ref: Any, frame: dict[str, Any]
+    ) -> None:
+        code = str(frame.get("code"))
+        text = str(frame.get("message"))
+        if purpose == "join" and room in self.rooms:
+            if code in ("unavailable", "rate_limited"):
+                self._events.append(Resync(f"join {room}: {code}"))
+            else:
+                del self.rooms[room]  # refused for good: not rejoined on reconnect
+                self.outbox.drop_room(room)
+                if self.current == room:
+                    self.current = next(reversed(self.rooms), None)
+            self._problem(code, f"join {room}: {text}")
+        elif purpose in ("backlog", "catchup"):
+            self._problem(code, f"history of {room}: {text}")
+            self._events.append(Resync(f"catch-up of {room}: {code}"))
+        elif purpose == "send":
+            item = self.outbox.answered(ref)
+            sent = f" (not sent: {excerpt(item.body)})" if item is not None else ""
+            self._problem(code, f"{text}{sent}")
+        else:
+            self._problem(code, text)
+
+
+def excerpt(body: str, width: int = 60) -> str:
+    """Enough of a body to recognise it in an error line."""
+    return body if len(body) <= width else body[: width - 3] + "..."
