@@ -2,10 +2,12 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
+COPY config/constraints.txt ./config/constraints.txt
 COPY chatserver ./chatserver
 COPY twisted ./twisted
+# The exact versions the test suite passed with.
 RUN python -m venv /opt/chatserver \
- && /opt/chatserver/bin/pip install --no-cache-dir . \
+ && /opt/chatserver/bin/pip install --no-cache-dir -c config/constraints.txt . \
  && /opt/chatserver/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 
 FROM python:3.11-slim

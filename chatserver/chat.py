@@ -1,15 +1,19 @@
-"""The chat core: what each client frame does.
+"""The chat core: sessions, and what each client frame does.
 
-It sees connections only through the small ``Connection`` interface and
-storage and fan-out only through ``Store`` and ``RoomRegistry``, so the same
-code runs on SQLite or Postgres, in one process or behind Redis.
+It sees connections only as ``Session``s with a small ``Transport`` behind
+them, and storage and fan-out only through ``Store``, ``RoomRegistry`` and
+``Broker``, so the same code runs on SQLite or Postgres, in one process or
+behind Redis. The path of a ``send`` reads top to bottom: ``handle`` ->
+``_send`` -> the store -> ``on_commit`` (the store reports a committed batch)
+-> ``_stored`` (ack, then the registry delivers locally and publishes).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -17,39 +21,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatserver import wire
+from chatserver.admission import Admission
+from chatserver.auth import Identity
 from chatserver.broker import Broker
 from chatserver.config import Config
+from chatserver.delivery import Delivery
 from chatserver.rooms import RoomRegistry
+from chatserver.session import Session, Transport
 from chatserver.store import EVERYWHERE, Access, Store, StoredMessage, StoreUnavailable
 
 CLOSE_POLICY = 1008
+CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_BANNED = 4003
 
 
 class AccessDenied(Exception):
     """A join the access rules refuse; answered with ``forbidden``."""
-
-
-class Connection(Protocol):
-    """What the core needs of one client connection."""
-
-    user: str
-    # Private rooms the user's token grants.
-    granted: frozenset[str]
-    # room -> None once joined, or the Deferred of a join still in progress.
-    rooms: dict[str, Deferred[int] | None]
-    bad_frames: int
-    chat_open: bool  # the WebSocket is open: frames may be sent
-    # Token bucket for the frame rate, and rate-limited frames in a row.
-    tokens: float
-    tokens_at: float
-    strikes: int
-
-    def send_frame(self, data: bytes) -> None: ...
-
-    def deliver(self, frame: bytes) -> None: ...
-
-    def close_with(self, code: int, reason: str) -> None: ...
 
 
 class Chat:
@@ -61,14 +48,17 @@ class Chat:
         store: Store,
         registry: RoomRegistry,
         broker: Broker,
+        delivery: Delivery,
         clock: IReactorTime,
     ) -> None:
         self._config = config
         self._store = store
         self._broker = broker
+        self._delivery = delivery
         self._clock = clock
         self.registry = registry
-        self.users: dict[str, list[Connection]] = {}  # a list: most users have one
+        self.admission = Admission(config, store)
+        self.users: dict[str, list[Session]] = {}  # open sessions; a list: most users have one
         self.errors: Counter[str] = Counter()
         self.frames = 0
         self.sends = 0
@@ -76,30 +66,75 @@ class Chat:
         self.kicks = 0
         self.policy_closes = 0
 
+    # -- sessions: admitted at the handshake, open with the WebSocket ------------
+
+    async def admit(self, identity: Identity, address: str) -> Session:
+        """A session for a handshake, or ``admission.Refused``. End it with ``close``."""
+        await self.admission.admit(identity.user, address)
+        session = Session(
+            identity.user,
+            address,
+            identity.rooms,
+            float(self._config.rate_burst),
+            self._clock.seconds(),
+        )
+        if identity.expires is not None:
+            delay = max(0.0, identity.expires - self._clock.seconds())
+            session.expiry = self._clock.callLater(delay, self._expired, session)
+        return session
+
+    def open(self, session: Session, transport: Transport) -> None:
+        """The WebSocket is open: frames may flow."""
+        session.attach(transport)
+        self.users.setdefault(session.user, []).append(session)
+
+    def close(self, session: Session) -> None:
+        """The connection ended (or its handshake failed): leave every room, uncount it."""
+        was_open = session.open
+        session.detach()
+        rooms = list(session.rooms)
+        session.rooms.clear()
+        for room in rooms:
+            self.registry.leave(session, room)
+        if was_open:
+            same_user = self.users.get(session.user)
+            if same_user is not None and session in same_user:
+                same_user.remove(session)
+                if not same_user:
+                    del self.users[session.user]
+        if session.counted:
+            session.counted = False
+            self.admission.release(session.user, session.address)
+
+    def _expired(self, session: Session) -> None:
+        session.expiry = None
+        self._close(session, CLOSE_TOKEN_EXPIRED, "token expired")
+
+    def _close(self, session: Session, code: int, reason: str) -> None:
+        self._delivery.release_connection(session)  # frames sent before the close go first
+        session.close(code, reason)
+
+    def _send_frame(self, session: Session, payload: bytes) -> None:
+        if session.open:
+            self._delivery.to_connection(session, wire.text_frame(payload))
+
     # -- entry points from the transport ---------------------------------------
 
-    def connections_of(self, user: str) -> int:
-        return len(self.users.get(user, ()))
-
-    def connect(self, conn: Connection) -> None:
-        conn.tokens = float(self._config.rate_burst)
-        conn.tokens_at = self._clock.seconds()
-        conn.strikes = 0
-        self.users.setdefault(conn.user, []).append(conn)
-
-    def _rate_ok(self, conn: Connection) -> bool:
+    def _rate_ok(self, session: Session) -> bool:
         now = self._clock.seconds()
         c = self._config
-        conn.tokens = min(float(c.rate_burst), conn.tokens + (now - conn.tokens_at) * c.rate_limit)
-        conn.tokens_at = now
-        if conn.tokens >= 1.0:
-            conn.tokens -= 1.0
-            conn.strikes = 0
+        session.tokens = min(
+            float(c.rate_burst), session.tokens + (now - session.tokens_at) * c.rate_limit
+        )
+        session.tokens_at = now
+        if session.tokens >= 1.0:
+            session.tokens -= 1.0
+            session.strikes = 0
             return True
         return False
 
-    def _rate_limited(self, conn: Connection, payload: bytes) -> None:
-        conn.strikes += 1
+    def _rate_limited(self, session: Session, payload: bytes) -> None:
+        session.strikes += 1
         ref = None
         try:
             obj = wire.decode_json(payload)
@@ -107,48 +142,41 @@ class Chat:
                 ref = obj["ref"] if not isinstance(obj["ref"], bool) else None
         except (ValueError, UnicodeDecodeError):
             pass
-        self._error(conn, wire.RATE_LIMITED, "too many frames; slow down", ref)
-        if conn.strikes >= self._config.rate_limit_strikes:
+        self._error(session, wire.RATE_LIMITED, "too many frames; slow down", ref)
+        if session.strikes >= self._config.rate_limit_strikes:
             self.policy_closes += 1
-            conn.close_with(CLOSE_POLICY, "rate limit exceeded")
+            self._close(session, CLOSE_POLICY, "rate limit exceeded")
 
-    def handle(self, conn: Connection, payload: bytes, is_binary: bool) -> None:
+    def handle(self, session: Session, payload: bytes, is_binary: bool) -> None:
         self.frames += 1
-        if not self._rate_ok(conn):
-            self._rate_limited(conn, payload)
+        if not self._rate_ok(session):
+            self._rate_limited(session, payload)
             return
         try:
             frame = wire.parse(payload, is_binary, self._config.max_body_chars)
         except wire.FrameError as e:
-            self._error(conn, e.code, e.message, e.ref)
+            self._error(session, e.code, e.message, e.ref)
             if e.code in (wire.BAD_FRAME, wire.BAD_REQUEST):
-                conn.bad_frames += 1
-                if conn.bad_frames >= self._config.max_bad_frames:
+                session.bad_frames += 1
+                if session.bad_frames >= self._config.max_bad_frames:
                     self.policy_closes += 1
-                    conn.close_with(CLOSE_POLICY, "too many invalid frames")
+                    self._close(session, CLOSE_POLICY, "too many invalid frames")
             return
         if isinstance(frame, wire.Send):
-            self._membership(conn, frame.room, frame.ref, self._send, frame)
+            self._membership(session, frame.room, frame.ref, self._send, frame)
         elif isinstance(frame, wire.History):
-            self._membership(conn, frame.room, frame.ref, self._history, frame)
+            self._membership(session, frame.room, frame.ref, self._history, frame)
         elif isinstance(frame, wire.Join):
-            self._join(conn, frame)
+            self._join(session, frame)
         elif isinstance(frame, wire.Leave):
-            self._leave(conn, frame)
+            self._leave(session, frame)
         else:
-            conn.send_frame(wire.reply("pong", frame.ref))
+            self._send_frame(session, wire.reply("pong", frame.ref))
 
-    def disconnect(self, conn: Connection) -> None:
-        """A closed connection leaves every room it was in or joining."""
-        rooms = list(conn.rooms)
-        conn.rooms.clear()
-        for room in rooms:
-            self.registry.leave(conn, room)
-        same_user = self.users.get(conn.user)
-        if same_user is not None and conn in same_user:
-            same_user.remove(conn)
-            if not same_user:
-                del self.users[conn.user]
+    def on_commit(self, fire: Callable[[], None]) -> None:
+        """The store committed (or failed) a batch: its acks and messages leave together."""
+        with self._delivery.batch():
+            fire()
 
     # -- kick and ban: local at once, and on every other instance via the broker --
 
@@ -198,134 +226,142 @@ class Chat:
             self._apply_kick(room, user, "banned")
 
     def _apply_kick(self, room: str, user: str, reason: str) -> None:
-        for conn in list(self.users.get(user, ())):
+        for session in list(self.users.get(user, ())):
             if room == EVERYWHERE:
                 self.kicks += 1
-                conn.close_with(CLOSE_BANNED, reason)
-            elif room in conn.rooms:
+                self._close(session, CLOSE_BANNED, reason)
+            elif room in session.rooms:
                 self.kicks += 1
-                del conn.rooms[room]
-                self.registry.leave(conn, room)
-                conn.send_frame(wire.encode({"type": "kicked", "room": room, "reason": reason}))
+                del session.rooms[room]
+                self.registry.leave(session, room)
+                self._send_frame(
+                    session, wire.encode({"type": "kicked", "room": room, "reason": reason})
+                )
 
     # -- frames ---------------------------------------------------------------
 
-    def _error(self, conn: Connection, code: str, message: str, ref: Any = None) -> None:
+    def _error(self, session: Session, code: str, message: str, ref: Any = None) -> None:
         self.errors[code] += 1
-        conn.send_frame(wire.error(code, message, ref))
+        self._send_frame(session, wire.error(code, message, ref))
 
-    def _membership(self, conn: Connection, room: str, ref: Any, action: Any, frame: Any) -> None:
-        """Run ``action`` once ``conn`` is in ``room``, keeping the client's frame order."""
-        if room not in conn.rooms:
-            self._error(conn, wire.NOT_MEMBER, f"join {room} first", ref)
+    def _membership(self, session: Session, room: str, ref: Any, action: Any, frame: Any) -> None:
+        """Run ``action`` once ``session`` is in ``room``, keeping the client's frame order."""
+        if room not in session.rooms:
+            self._error(session, wire.NOT_MEMBER, f"join {room} first", ref)
             return
-        pending = conn.rooms[room]
+        pending = session.rooms[room]
         if pending is None:
-            action(conn, frame)
+            action(session, frame)
             return
 
         def joined(result: Any) -> Any:
-            if conn.rooms.get(room, False) is None:
-                action(conn, frame)
-            elif conn.chat_open:
-                self._error(conn, wire.NOT_MEMBER, f"join {room} did not complete", ref)
+            if session.rooms.get(room, False) is None:
+                action(session, frame)
+            elif session.open:
+                self._error(session, wire.NOT_MEMBER, f"join {room} did not complete", ref)
             return result
 
         pending.addBoth(joined)
 
-    def _join(self, conn: Connection, frame: wire.Join) -> None:
+    def _join(self, session: Session, frame: wire.Join) -> None:
         room = frame.room
-        if room in conn.rooms:
-            pending = conn.rooms[room]
+        if room in session.rooms:
+            pending = session.rooms[room]
             if pending is None:
-                conn.send_frame(
-                    wire.reply("joined", frame.ref, room=room, last_id=self._last_id(room))
+                self._send_frame(
+                    session, wire.reply("joined", frame.ref, room=room, last_id=self._last_id(room))
                 )
             else:
-                pending.addBoth(self._joined, conn, frame)
+                pending.addBoth(self._joined, session, frame)
             return
-        if len(conn.rooms) >= self._config.max_rooms_per_connection:
+        if len(session.rooms) >= self._config.max_rooms_per_connection:
             limit = self._config.max_rooms_per_connection
             self._error(
-                conn, wire.FORBIDDEN, f"a connection may join at most {limit} rooms", frame.ref
+                session, wire.FORBIDDEN, f"a connection may join at most {limit} rooms", frame.ref
             )
             return
-        d = self._store.access(room, conn.user)
-        d.addCallback(self._check_access, conn, room)
-        conn.rooms[room] = d
-        d.addBoth(self._joined, conn, frame)
+        d = self._store.access(room, session.user)
+        session.rooms[room] = d  # joining, before any callback (a store may answer at once)
+        d.addCallback(self._check_access, session, room)
+        d.addBoth(self._joined, session, frame)
 
-    def _check_access(self, access: Access, conn: Connection, room: str) -> Deferred[int]:
+    def _check_access(self, access: Access, session: Session, room: str) -> Deferred[int]:
         if access.banned:
             raise AccessDenied(f"you are banned from {room}")
-        if access.private and not access.member and room not in conn.granted:
+        if access.private and not access.member and room not in session.granted:
             raise AccessDenied(f"{room} is private")
-        if room not in conn.rooms or not conn.chat_open:
+        if room not in session.rooms or not session.open:
             return None  # left (or gone) meanwhile; _joined sorts it out
-        return self.registry.join(conn, room)
+        return self.registry.join(session, room)
 
     def _last_id(self, room: str) -> int | None:
         hosted = self.registry.rooms.get(room)
         return (hosted.last_id or None) if hosted is not None else None
 
-    def _joined(self, result: Any, conn: Connection, frame: wire.Join) -> Any:
+    def _joined(self, result: Any, session: Session, frame: wire.Join) -> Any:
         room = frame.room
         if isinstance(result, Failure):
-            if conn.rooms.get(room) is not None:
-                del conn.rooms[room]
+            if session.rooms.get(room) is not None:
+                del session.rooms[room]
             if result.check(AccessDenied):
-                self._error(conn, wire.FORBIDDEN, str(result.value), frame.ref)
+                self._error(session, wire.FORBIDDEN, str(result.value), frame.ref)
             else:
-                self._error(conn, wire.UNAVAILABLE, f"could not join {room}; try again", frame.ref)
-            return None
-        if room not in conn.rooms or not conn.chat_open:
-            # Left (or gone) while the join was under way.
-            self.registry.leave(conn, room)
-            if conn.chat_open:
                 self._error(
-                    conn, wire.NOT_MEMBER, f"left {room} before the join completed", frame.ref
+                    session, wire.UNAVAILABLE, f"could not join {room}; try again", frame.ref
+                )
+            return None
+        if room not in session.rooms or not session.open:
+            # Left (or gone) while the join was under way.
+            self.registry.leave(session, room)
+            if session.open:
+                self._error(
+                    session, wire.NOT_MEMBER, f"left {room} before the join completed", frame.ref
                 )
             return result
-        conn.rooms[room] = None
+        session.rooms[room] = None
         self.joins += 1
-        conn.send_frame(wire.reply("joined", frame.ref, room=room, last_id=result or None))
+        self._send_frame(
+            session, wire.reply("joined", frame.ref, room=room, last_id=result or None)
+        )
         return result
 
-    def _leave(self, conn: Connection, frame: wire.Leave) -> None:
-        if frame.room not in conn.rooms:
-            self._error(conn, wire.NOT_MEMBER, f"not in {frame.room}", frame.ref)
+    def _leave(self, session: Session, frame: wire.Leave) -> None:
+        if frame.room not in session.rooms:
+            self._error(session, wire.NOT_MEMBER, f"not in {frame.room}", frame.ref)
             return
-        del conn.rooms[frame.room]
-        self.registry.leave(conn, frame.room)
-        conn.send_frame(wire.reply("left", frame.ref, room=frame.room))
+        del session.rooms[frame.room]
+        self.registry.leave(session, frame.room)
+        self._send_frame(session, wire.reply("left", frame.ref, room=frame.room))
 
-    def _send(self, conn: Connection, frame: wire.Send) -> None:
+    def _send(self, session: Session, frame: wire.Send) -> None:
         self.sends += 1
-        d = self._store.append(frame.room, conn.user, frame.body)
-        d.addCallbacks(self._stored, self._not_stored, (conn, frame), None, (conn, frame))
+        d = self._store.append(frame.room, session.user, frame.body)
+        d.addCallbacks(self._stored, self._not_stored, (session, frame), None, (session, frame))
 
-    def _stored(self, message: StoredMessage, conn: Connection, frame: wire.Send) -> None:
+    def _stored(self, message: StoredMessage, session: Session, frame: wire.Send) -> None:
         # The ack goes out before the message itself reaches anyone.
-        if conn.chat_open:
-            conn.send_frame(
-                wire.reply("ack", frame.ref, room=message.room, id=message.id, ts=message.ts)
+        if session.open:
+            self._send_frame(
+                session,
+                wire.reply("ack", frame.ref, room=message.room, id=message.id, ts=message.ts),
             )
         self.registry.publish(message)
 
-    def _not_stored(self, failure: Failure, conn: Connection, frame: wire.Send) -> None:
+    def _not_stored(self, failure: Failure, session: Session, frame: wire.Send) -> None:
         if not failure.check(StoreUnavailable):
             self.log.failure("storing a message failed", failure)
-        if conn.chat_open:
+        if session.open:
             reason = str(failure.value) if failure.check(StoreUnavailable) else "storage failed"
-            self._error(conn, wire.UNAVAILABLE, reason, frame.ref)
+            self._error(session, wire.UNAVAILABLE, reason, frame.ref)
 
-    def _history(self, conn: Connection, frame: wire.History) -> None:
+    def _history(self, session: Session, frame: wire.History) -> None:
         d = self._store.history(frame.room, frame.before, frame.after, frame.limit)
 
         def done(result: tuple[list[StoredMessage], bool]) -> None:
             messages, more = result
-            if conn.chat_open:
-                conn.send_frame(
+            if session.open:
+                self._send_frame(
+                    session,
                     wire.reply(
                         "history",
                         frame.ref,
@@ -334,13 +370,15 @@ class Chat:
                             wire.message_dict(m.room, m.id, m.user, m.body, m.ts) for m in messages
                         ],
                         more=more,
-                    )
+                    ),
                 )
 
         def failed(failure: Failure) -> None:
             if not failure.check(StoreUnavailable):
                 self.log.failure("reading history failed", failure)
-            if conn.chat_open:
-                self._error(conn, wire.UNAVAILABLE, "history is unavailable; try again", frame.ref)
+            if session.open:
+                self._error(
+                    session, wire.UNAVAILABLE, "history is unavailable; try again", frame.ref
+                )
 
         d.addCallbacks(done, failed)

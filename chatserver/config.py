@@ -137,6 +137,12 @@ class Config:
     gap_timeout: float = _setting(
         0.5, "Seconds to wait for a missing message id before reading it from the store."
     )
+    fast_paths: bool = _setting(
+        True,
+        "Take the shortcuts through Twisted's, Autobahn's and txredisapi's internals"
+        " (checked at start; each falls back to the public API if its library changed)."
+        " false: the public API everywhere, slower.",
+    )
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -147,11 +153,6 @@ class Config:
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite:")
-
-    @property
-    def effective_pool_size(self) -> int:
-        # SQLite serialises writers anyway; one connection avoids lock errors.
-        return 1 if self.is_sqlite else self.db_pool_size
 
 
 _RANGES: dict[str, tuple[float, float]] = {

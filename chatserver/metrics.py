@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,6 +18,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from chatserver import wire
+
+if TYPE_CHECKING:
+    from chatserver.service import ChatServerService
 
 PREFIX = "chatserver_"
 
@@ -31,7 +34,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 class ServerCollector:
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: ChatServerService) -> None:
         self._server = server
 
     def describe(self) -> list[Metric]:
@@ -53,7 +56,7 @@ class ServerCollector:
         yield _counter("messages_received", "send frames accepted for storage.", chat.sends)
         yield _counter("messages_stored", "Messages committed to the store.", store.stored)
         yield _counter(
-            "messages_delivered", "Message frames written to local members.", registry.delivered
+            "messages_delivered", "Message frames written to local members.", s.delivery.delivered
         )
         yield _counter(
             "frames_coalesced",
@@ -132,6 +135,25 @@ class ServerCollector:
             "Room channels this instance subscribes to.",
             getattr(broker, "subscribed_rooms", len(getattr(broker, "rooms", ()))),
         )
+        fast = s.fast_paths
+        fast_on = GaugeMetricFamily(
+            PREFIX + "fast_path_enabled",
+            "1 if a shortcut through a library's internals is on (checked at start).",
+            labels=["path"],
+        )
+        fast_runs = CounterMetricFamily(
+            PREFIX + "fast_path_runs",
+            "Times each shortcut ran (frames, messages, compactions).",
+            labels=["path"],
+        )
+        for name in sorted(fast.names()):
+            fast_on.add_metric([name], 1.0 if fast.on(name) else 0.0)
+            fast_runs.add_metric([name], fast.runs[name])
+        yield fast_on
+        yield fast_runs
+        yield _counter(
+            "direct_writes", "Writes that went straight to the socket.", factory.direct_writes
+        )
         pauses = s.gc_pauses
         gc_seconds = CounterMetricFamily(
             PREFIX + "gc_pause_seconds",
@@ -167,7 +189,7 @@ class ServerCollector:
 class MetricsResource(Resource):
     isLeaf = True
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: ChatServerService) -> None:
         super().__init__()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(ServerCollector(server))

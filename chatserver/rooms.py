@@ -12,16 +12,13 @@ id order, however the broker behaves.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Protocol
-
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from chatserver import wire
 from chatserver.broker import Broker
+from chatserver.delivery import Delivery, Sink
 from chatserver.store import Store, StoredMessage
 
 # Buffered out-of-order messages per room before a gap is filled at once.
@@ -29,21 +26,12 @@ MAX_BUFFERED = 1000
 FILL_PAGE = 100
 
 
-class Member(Protocol):
-    """What the registry needs of a connection."""
-
-    user: str
-
-    def deliver(self, frame: bytes) -> None:
-        """``frame`` is the message on the wire, built once for every member."""
-
-
 class Room:
     __slots__ = ("buffer", "filling", "gap_timer", "last_id", "members", "name", "ready", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.members: set[Member] = set()
+        self.members: set[Sink] = set()
         self.last_id = 0
         self.ready = False
         self.waiters: list[Deferred[int]] = []
@@ -69,29 +57,22 @@ class RoomRegistry:
         self,
         store: Store,
         broker: Broker,
-        prepare: Callable[[bytes], bytes],  # JSON payload -> its frame on the wire
+        delivery: Delivery,
         clock: IReactorTime,
         gap_timeout: float,
     ) -> None:
         self._store = store
         self._broker = broker
-        self._prepare = prepare
+        self.delivery = delivery
         self._clock = clock
         self._gap_timeout = gap_timeout
         self.rooms: dict[str, Room] = {}
-        self.delivered = 0
         self.gap_fills = 0
         self.dropped_broker_frames = 0
-        self.coalesced_frames = 0
-        # Inside batch(): per room, the frames held for its members.
-        self._held: dict[Room, list[bytes]] | None = None
-        # Entered inside batch(): the service makes it hold each connection's
-        # other frames (acks) for one write, which goes before the rooms' frames.
-        self.connection_scope: Callable[[], AbstractContextManager[None]] = nullcontext
 
     # -- membership -----------------------------------------------------------
 
-    def join(self, member: Member, name: str) -> Deferred[int]:
+    def join(self, member: Sink, name: str) -> Deferred[int]:
         """Fires with the room's last delivered id once ``member`` receives its messages.
 
         Between this firing and the caller's next yield to the reactor nothing
@@ -100,7 +81,7 @@ class RoomRegistry:
         room = self.rooms.get(name)
         d: Deferred[int] = Deferred()
         if room is not None and room.ready:
-            self._release(room)
+            self.delivery.release_room(room)
             room.members.add(member)
             d.callback(room.last_id)
             return d
@@ -113,16 +94,16 @@ class RoomRegistry:
             Deferred.fromCoroutine(self._host(room))
         return d
 
-    def _add_member(self, last_id: int, room: Room, member: Member) -> int:
-        self._release(room)
+    def _add_member(self, last_id: int, room: Room, member: Sink) -> int:
+        self.delivery.release_room(room)
         room.members.add(member)
         return last_id
 
-    def leave(self, member: Member, name: str) -> None:
+    def leave(self, member: Sink, name: str) -> None:
         room = self.rooms.get(name)
         if room is None:
             return
-        self._release(room)
+        self.delivery.release_room(room)
         room.members.discard(member)
         if room.ready and not room.members:
             self._unhost(room)
@@ -169,6 +150,12 @@ class RoomRegistry:
         self.offer(message.room, message.id, frame)
         self._broker.publish(message.room, broker_payload(message.id, frame))
 
+    def on_broker_messages(self, messages: list[tuple[str, bytes]]) -> None:
+        """The room messages of one read from the broker: their frames leave together."""
+        with self.delivery.batch():
+            for room, payload in messages:
+                self.on_broker_message(room, payload)
+
     def on_broker_message(self, room: str, payload: bytes) -> None:
         try:
             message_id, frame = split_payload(payload)
@@ -189,65 +176,10 @@ class RoomRegistry:
         if room.ready:
             self._drain(room)
 
-    @contextmanager
-    def batch(self) -> Iterator[None]:
-        """Hold what is delivered inside, then give each room's members its frames in one write.
-
-        Entered around a committed store batch, one read from the broker and a
-        page read to fill a gap. A member's frames would otherwise cost one
-        send each, and the send (waking the reader) is most of a delivery's
-        cost. Holding per room, not per connection, costs nothing per member
-        when there is nothing to join: the frames are joined once per room.
-        What each member gets is exactly what it would have got at once: a
-        change of a room's members first writes out what was held for the
-        members before it, so a member that leaves (or is kicked) has its
-        room's earlier frames before anything sent to it after the change.
-        """
-        if self._held is not None:  # nested: the outermost writes
-            yield
-            return
-        held: dict[Room, list[bytes]] = {}
-        self._held = held
-        try:
-            with self.connection_scope():  # acks go out first, at its end
-                yield
-        finally:
-            self._held = None
-            for room, frames in held.items():
-                self._write_out(room, frames)
-
-    def _release(self, room: Room) -> None:
-        """Before a change of ``room``'s members: write what is held for the members now."""
-        if self._held is not None:
-            frames = self._held.pop(room, None)
-            if frames is not None:
-                self._write_out(room, frames)
-
-    def _write_out(self, room: Room, frames: list[bytes]) -> None:
-        members = tuple(room.members)
-        if len(frames) == 1:
-            data = frames[0]
-        else:
-            data = b"".join(frames)
-            self.coalesced_frames += len(frames) * len(members)
-        for member in members:
-            member.deliver(data)
-        self.delivered += len(frames) * len(members)
-
     def _deliver(self, room: Room, message_id: int, frame: bytes) -> None:
         room.last_id = message_id
-        if not room.members:
-            return
-        data = self._prepare(frame)
-        held = self._held
-        if held is not None:
-            frames = held.get(room)
-            if frames is None:
-                held[room] = [data]
-            else:
-                frames.append(data)
-            return
-        self._write_out(room, [data])
+        if room.members:
+            self.delivery.to_room(room, wire.text_frame(frame))
 
     def _drain(self, room: Room) -> None:
         buffer = room.buffer
@@ -285,7 +217,7 @@ class RoomRegistry:
                 messages, more = await self._store.history(room.name, None, start, FILL_PAGE)
                 if self.rooms.get(room.name) is not room:
                     return
-                with self.batch():
+                with self.delivery.batch():
                     for m in messages:
                         if m.id == room.last_id + 1:
                             self._deliver(
@@ -302,7 +234,7 @@ class RoomRegistry:
         finally:
             room.filling = False
         if self.rooms.get(room.name) is room:
-            with self.batch():
+            with self.delivery.batch():
                 self._drain(room)
 
     def resync(self) -> None:

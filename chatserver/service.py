@@ -7,24 +7,34 @@ and closes its pool. Nothing that is acked is lost on a clean stop.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from chatserver import store as store_api
 from chatserver.admin_api import AdminAPI
+from chatserver.broker import Broker
 from chatserver.broker.memory import MemoryBroker, MemoryHub
 from chatserver.chat import Chat
+from chatserver.compat import FastPaths
 from chatserver.config import Config
+from chatserver.delivery import Delivery
 from chatserver.gcstats import GCPauses
 from chatserver.metrics import MetricsResource
 from chatserver.rooms import RoomRegistry
 from chatserver.store.open import open_store, prepare
+from chatserver.transport import CLOSE_GOING_AWAY
+from chatserver.transport.factory import ChatFactory
 from chatserver.web import (
     AsyncJSONResource,
     ChatSite,
@@ -33,7 +43,6 @@ from chatserver.web import (
     StaticPage,
     UpgradeResource,
 )
-from chatserver.websocket import CLOSE_GOING_AWAY, ChatFactory
 
 CLOSE_TIMEOUT = 5.0
 READY_TIMEOUT = 2.0
@@ -44,7 +53,9 @@ class ListenService(Service):
 
     log = Logger()
 
-    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+    def __init__(
+        self, description: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
+    ) -> None:
         self.description = description
         self._endpoint = endpoint
         self._factory = factory
@@ -52,7 +63,7 @@ class ListenService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        failures: list[Any] = []
+        failures: list[Failure] = []
         d = self._endpoint.listen(self._factory)
         d.addCallbacks(self._listening, failures.append)
         if failures:
@@ -72,39 +83,47 @@ class ListenService(Service):
         return port.stopListening() if port is not None else None
 
 
-def _site(root: Any, reactor: Any, config: Config) -> Site:
-    return ChatSite(root, reactor, config.handshake_timeout)
+def _site(root: Resource, clock: IReactorTime, config: Config) -> Site:
+    return ChatSite(root, clock, config.handshake_timeout)
 
 
-def parse_endpoint(reactor: Any, description: str) -> Any:
+def parse_endpoint(reactor: IReactorTime, description: str) -> IStreamServerEndpoint:
     return endpoints.serverFromString(reactor, description)
 
 
 class ChatServerService(MultiService):
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, hub: MemoryHub | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: IReactorTime,
+        hub: MemoryHub | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        """``clock`` times the connections (handshake deadlines, pings, send-buffer
+        grace, token expiry); tests pass a ``task.Clock``. Default: the reactor."""
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.clock = clock = clock or reactor
         self._broker_started = False
         self.draining = False
         prepare(config)
+        self.fast_paths = FastPaths(config.fast_paths)
         self.store = open_store(config, reactor)
         self.broker = self._make_broker(hub)
-        self.factory = ChatFactory(config, reactor, self.store)
         self.gc_pauses = GCPauses()
-        self.registry = RoomRegistry(
-            self.store, self.broker, self.factory.wire_frame, reactor, config.gap_timeout
-        )
         # A committed batch, a read of messages from the bus, or a page read to
-        # fill a gap: each room's frames leave as one write per member, after
-        # each connection's other frames (acks), also joined.
-        self.registry.connection_scope = self.factory.coalesced
-        self.store.batch_scope = self.broker.batch_scope = self.registry.batch
-        self.chat = Chat(config, self.store, self.registry, self.broker, reactor)
-        self.factory.chat = self.chat
-        children: dict[bytes, Any] = {
+        # fill a gap: each connection's frames (acks) leave as one write, then
+        # each room's frames as one write per member.
+        self.delivery = Delivery()
+        self.registry = RoomRegistry(
+            self.store, self.broker, self.delivery, reactor, config.gap_timeout
+        )
+        self.chat = Chat(config, self.store, self.registry, self.broker, self.delivery, clock)
+        self.factory = ChatFactory(config, clock, self.chat, self.fast_paths)
+        children: dict[bytes, Resource] = {
             b"ws": UpgradeResource(self.factory),
             b"healthz": JSONResource(self.health),
             b"readyz": AsyncJSONResource(self.readiness),
@@ -114,19 +133,19 @@ class ChatServerService(MultiService):
         metrics = MetricsResource(self)
         side_sites: list[tuple[str, Site]] = []
         if config.metrics_listen:
-            metrics_site = _site(Root({b"metrics": metrics}, None), reactor, config)
+            metrics_site = _site(Root({b"metrics": metrics}, None), clock, config)
             side_sites += [(desc, metrics_site) for desc in config.metrics_listen]
         else:
             children[b"metrics"] = metrics
         self.admin = AdminAPI(config, self.store, self.chat) if config.admin_api_key else None
         if self.admin is not None:
             if config.admin_listen:
-                admin_site = _site(Root({b"admin": self.admin}, None), reactor, config)
+                admin_site = _site(Root({b"admin": self.admin}, None), clock, config)
                 side_sites += [(desc, admin_site) for desc in config.admin_listen]
             else:
                 children[b"admin"] = self.admin
         self.site = _site(
-            Root(children, StaticPage("index.html", b"text/html; charset=utf-8")), reactor, config
+            Root(children, StaticPage("index.html", b"text/html; charset=utf-8")), clock, config
         )
         self.listeners = [
             ListenService(desc, parse_endpoint(reactor, desc), self.site) for desc in config.listen
@@ -137,19 +156,19 @@ class ChatServerService(MultiService):
         for listener in self.listeners + self.side_listeners:
             listener.setServiceParent(self)
 
-    def _make_broker(self, hub: MemoryHub | None) -> Any:
+    def _make_broker(self, hub: MemoryHub | None) -> Broker:
         if self.config.redis_url is None:
             return MemoryBroker(hub or MemoryHub(self.reactor))
         from chatserver.broker.redis import RedisBroker
 
-        return RedisBroker(self.config, self.reactor)
+        return RedisBroker(self.config, self.reactor, self.fast_paths)
 
     @property
     def coalesced_frames(self) -> int:
         """Frames that left in one write with others: acks per connection, messages per room."""
-        return self.factory.coalesced_frames + self.registry.coalesced_frames
+        return self.delivery.coalesced_frames
 
-    def health(self) -> tuple[int, dict[str, Any]]:
+    def health(self) -> tuple[int, dict[str, object]]:
         return 200, {
             "status": "ok",
             "connections": len(self.factory.connections),
@@ -157,7 +176,7 @@ class ChatServerService(MultiService):
             "store_queue": self.store.queue_depth(),
         }
 
-    async def readiness(self) -> tuple[int, dict[str, Any]]:
+    async def readiness(self) -> tuple[int, dict[str, object]]:
         """For load balancers: serving, and both backends answer."""
         problems = []
         if self.draining:
@@ -183,7 +202,8 @@ class ChatServerService(MultiService):
     def _start_broker(self) -> None:
         if not self._broker_started:
             self._broker_started = True
-            self.broker.start(self.registry.on_broker_message, self._resync, self.chat.on_control)
+            self.store.start(self.chat.on_commit)
+            self.broker.start(self.registry.on_broker_messages, self._resync, self.chat.on_control)
 
     def privilegedStartService(self) -> None:
         self._start_broker()

@@ -84,7 +84,7 @@ class DeadlineChannel(HTTPChannel):
         raw = self._raw
         if not getattr(raw, "connected", False):
             return
-        if self.transport is None and getattr(self.upgraded_protocol(), "chat_open", False):
+        if self.transport is None and getattr(self.upgraded_protocol(), "ws_open", False):
             return
         self.site.handshake_timeouts += 1
         log.info("handshake from {peer} timed out", peer=str(raw.getPeer()))
@@ -140,7 +140,7 @@ class UpgradeResource(WebSocketResource):
         result = super().render(request)
         if isinstance(channel, DeadlineChannel) and channel.transport is None:
             proto = channel.upgraded_protocol()
-            if getattr(proto, "chat_open", None) is False:
+            if getattr(proto, "ws_open", None) is False:
                 proto.handshake_channel = channel
         return result
 

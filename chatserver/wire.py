@@ -229,3 +229,17 @@ def message_dict(room: str, id: int, user: str, body: str, ts: int) -> dict[str,
 
 def encode_message(room: str, id: int, user: str, body: str, ts: int) -> bytes:
     return encode({"type": "message", **message_dict(room, id, user, body, ts)})
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one unmasked, final WebSocket text frame (RFC 6455, 5.2).
+
+    A server's frames carry no mask, so a broadcast's frame is built once and
+    the same bytes go to every member.
+    """
+    n = len(payload)
+    if n < 126:
+        return b"\x81" + bytes((n,)) + payload
+    if n <= 0xFFFF:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload

@@ -5,11 +5,23 @@ Nothing here imports the reactor at module level, so ``--reactor`` choices work.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
+
+
+def fast_paths_wanted() -> bool:
+    """The suite runs once as configured by default and once more with
+    CHATSERVER_FAST_PATHS=false (tests/run), so both paths are tested."""
+    return os.environ.get("CHATSERVER_FAST_PATHS", "true").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 @pytest_twisted.async_yield_fixture
@@ -25,6 +37,8 @@ async def make_server(tmp_path: Any) -> Any:
     running: list[ChatServerService] = []
 
     def make(**settings: Any) -> ChatServerService:
+        """``clock=`` (a ``task.Clock``) times the connections instead of the reactor."""
+        clock = settings.pop("clock", None)
         settings.setdefault("listen", ("tcp:0:interface=127.0.0.1:backlog=1024",))
         settings.setdefault("database_url", f"sqlite:///{tmp_path}/chat.sqlite3")
         # Load tests open hundreds of connections from 127.0.0.1 and send fast;
@@ -33,7 +47,8 @@ async def make_server(tmp_path: Any) -> Any:
         settings.setdefault("rate_limit", 100_000.0)
         settings.setdefault("rate_burst", 100_000)
         settings.setdefault("drain_seconds", 0.0)
-        service = ChatServerService(Config(**settings), reactor, hub=hub)
+        settings.setdefault("fast_paths", fast_paths_wanted())
+        service = ChatServerService(Config(**settings), reactor, hub=hub, clock=clock)
         service.startService()
         service.port = service.ports()[0]
         running.append(service)

@@ -13,7 +13,8 @@ import pytest_twisted
 from wsclient import connect, http_get
 
 from chatserver import wire
-from chatserver.chat import CLOSE_POLICY
+from chatserver.chat import CLOSE_BANNED
+from chatserver.store import EVERYWHERE
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -72,12 +73,12 @@ async def test_frames_held_for_a_connection_go_out_before_its_close(make_server)
     server = make_server()
     client = await connect(server.port, "alice")
     await client.join("room")
-    (proto,) = server.factory.connections
-    with server.factory.coalesced():
-        proto.send_frame(wire.reply("pong", "held"))
-        proto.close_with(CLOSE_POLICY, "policy")
+    (session,) = server.chat.users["alice"]
+    with server.delivery.batch():
+        server.delivery.to_connection(session, wire.text_frame(wire.reply("pong", "held")))
+        server.chat.kick(EVERYWHERE, "alice", "banned")  # closes the connection
     assert await client.recv() == {"type": "pong", "ref": "held"}
-    assert await client.wait_closed() == CLOSE_POLICY
+    assert await client.wait_closed() == CLOSE_BANNED
 
 
 @ensure

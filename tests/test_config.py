@@ -13,7 +13,6 @@ def test_defaults_are_the_embedded_setup(monkeypatch):
     assert c.listen == ("tcp:8080:backlog=1024",)
     assert c.auth == "none" and c.redis_url is None
     assert c.database_url == "sqlite:///chatserver.sqlite3"
-    assert c.effective_pool_size == 1
 
 
 def test_port_from_the_environment_like_a_paas(monkeypatch):

@@ -19,7 +19,6 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from wsclient import TIMEOUT, Client, connect
 
 from chatserver import wire
@@ -534,8 +533,7 @@ async def test_invalid_utf8_text_frame_closes_with_1007(make_server, invalid):
     neighbour = await connect(server.port, "neighbour")
     await neighbour.join("r")
     [bad_proto] = [p for p in server.factory.connections if p.user == "bad"]
-    gone: Deferred[None] = Deferred()
-    server.factory._close_waiters.setdefault(bad_proto, []).append(gone)
+    gone = server.factory.when_closed(bad_proto)
     bad.send_raw(b'{"type":"ping","ref":"' + invalid + b'"}')
     assert await bad.wait_closed() == 1007
     await gone.addTimeout(TIMEOUT, reactor)

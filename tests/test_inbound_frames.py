@@ -14,7 +14,7 @@ import struct
 import pytest_twisted
 from wsclient import connect
 
-from chatserver.websocket import INBOUND_FAST_MAX
+from chatserver.compat.autobahn import INBOUND_FAST_MAX
 
 ensure = pytest_twisted.ensureDeferred
 

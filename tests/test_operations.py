@@ -136,8 +136,7 @@ async def test_a_peer_that_stops_answering_pings_is_dropped(make_server):
     await quiet.join("r")
     await lively.join("r")
     proto = next(p for p in server.factory.connections if p.user == "quiet")
-    gone: Deferred = Deferred()
-    server.factory._close_waiters.setdefault(proto, []).append(gone)
+    gone = server.factory.when_closed(proto)
     quiet.proto.transport.pauseProducing()  # reads nothing: no pong goes back
     await gone.addTimeout(30, reactor)
     assert server.factory.ping_timeouts == 1

@@ -9,10 +9,9 @@ from twisted.internet.task import Clock
 
 from chatserver import wire
 from chatserver.broker.memory import MemoryBroker, MemoryHub
+from chatserver.delivery import Delivery
 from chatserver.rooms import RoomRegistry, broker_payload
 from chatserver.store import StoredMessage
-
-DECODER = json.JSONDecoder()
 
 
 class ListStore:
@@ -31,19 +30,29 @@ class ListStore:
         return succeed((newer[:limit], len(newer) > limit))
 
 
-class Member:
-    user = "m"
+def payloads(data):
+    """The payloads of the unmasked text frames in ``data`` (one write may hold several)."""
+    out, pos = [], 0
+    while pos < len(data):
+        assert data[pos] == 0x81
+        n, pos = data[pos + 1], pos + 2
+        if n == 126:
+            n, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        out.append(data[pos : pos + n])
+        pos += n
+    return out
 
+
+class Member:
     def __init__(self):
         self.got = []
         self.writes = 0
 
-    def deliver(self, prepared):
+    def write(self, data):
         # Frames of one batch arrive joined in one write.
-        text, end = prepared.decode(), 0
-        while end < len(text):
-            frame, end = DECODER.raw_decode(text, end)
-            self.got.append(frame["id"])
+        for payload in payloads(data):
+            obj = json.loads(payload)
+            self.got.append(obj.get("id", obj.get("type")))
         self.writes += 1
 
 
@@ -58,7 +67,7 @@ def frame(i):
 def setup(stored):
     clock = Clock()
     store = ListStore(stored)
-    registry = RoomRegistry(store, MemoryBroker(MemoryHub(clock)), lambda f: f, clock, 0.5)
+    registry = RoomRegistry(store, MemoryBroker(MemoryHub(clock)), Delivery(), clock, 0.5)
     member = Member()
     joined = []
     registry.join(member, "r").addCallback(joined.append)
@@ -120,33 +129,44 @@ def test_a_gap_fill_page_reaches_each_member_in_one_write():
     assert member.got == [1, 2, 3, 4]
     # The page (1-3) in one write, the buffered 4 drained after it in another.
     assert member.writes == 2
-    assert registry.coalesced_frames == 3
+    assert registry.delivery.coalesced_frames == 3
 
 
 def test_a_member_gets_in_a_batch_exactly_what_it_would_have_got_at_once():
     _, _, registry, first, _ = setup([])
+    delivery = registry.delivery
     second = Member()
-    with registry.batch():
+    with delivery.batch():
+        delivery.to_connection(first, wire.text_frame(wire.reply("ack", 1)))
         registry.offer("r", 1, frame(1))
         registry.join(second, "r")  # joins after 1: gets 2 and 3 only
         registry.offer("r", 2, frame(2))
         registry.leave(first, "r")  # leaves after 2: never gets 3
-        # What was held for it is written as it leaves, before anything sent
-        # to it afterwards (a "kicked" frame, say).
-        assert first.got == [1, 2]
+        # What was held for the room is released to its members as it leaves,
+        # before anything sent to it afterwards (a "kicked" frame, say).
+        delivery.to_connection(first, wire.text_frame(wire.encode({"type": "kicked"})))
         registry.offer("r", 3, frame(3))
-        assert second.got == [2]  # 3 is still held
-    assert first.got == [1, 2]
+        assert first.got == second.got == []  # all still held
+    # The ack first, then the room's frames, then what followed the leave.
+    assert first.got == ["ack", 1, 2, "kicked"]
     assert second.got == [2, 3]
-    assert registry.delivered == 4
+    assert first.writes == 1
+    assert delivery.delivered == 4
 
 
 def test_batches_nest_and_the_outermost_writes():
     _, _, registry, member, _ = setup([])
-    with registry.batch():
+    with registry.delivery.batch():
         registry.offer("r", 1, frame(1))
-        with registry.batch():
+        with registry.delivery.batch():
             registry.offer("r", 2, frame(2))
         assert member.got == []
     assert member.got == [1, 2]
+    assert member.writes == 1
+
+
+def test_one_read_from_the_broker_reaches_each_member_in_one_write():
+    _, _, registry, member, _ = setup([])
+    registry.on_broker_messages([("r", broker_payload(i, frame(i))) for i in (1, 2, 3)])
+    assert member.got == [1, 2, 3]
     assert member.writes == 1

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from chatserver.config import Config
-from chatserver.websocket import ChatProtocol
+from chatserver.transport.outbound import STATE_OPEN, Outbound
 
 LIMIT = 10_000
 
@@ -24,32 +24,35 @@ class Factory:
         )
         self.clock = Clock()
         self.dropped_slow = 0
-        self.held = None  # not inside ChatFactory.coalesced()
 
 
-def paused_connection(grace: float) -> tuple[ChatProtocol, Factory, StringTransport]:
-    proto = ChatProtocol()
+class Connection(Outbound):
+    user = "u"
+    peer = "tcp:192.0.2.1:4000"
+    state = STATE_OPEN
+
+
+def paused_connection(grace: float) -> tuple[Connection, Factory, StringTransport]:
+    proto = Connection()
     factory = Factory(grace)
     proto.factory = factory
     transport = StringTransport()
     proto.transport = transport
-    proto.state = proto.STATE_OPEN
-    proto._writable = True
-    proto.peer = "tcp:192.0.2.1:4000"
+    proto.start_writing()
     proto.pauseProducing()  # the transport's buffer is full: writes queue
     return proto, factory, transport
 
 
 def test_under_the_limit_is_kept_however_long():
     proto, factory, transport = paused_connection(grace=1.0)
-    proto._write(b"x" * LIMIT)
+    proto.write(b"x" * LIMIT)
     factory.clock.advance(100)
     assert factory.dropped_slow == 0 and not transport.disconnecting
 
 
 def test_over_the_limit_for_the_whole_grace_is_dropped():
     proto, factory, transport = paused_connection(grace=1.0)
-    proto._write(b"x" * (LIMIT + 1))
+    proto.write(b"x" * (LIMIT + 1))
     factory.clock.advance(0.99)
     assert factory.dropped_slow == 0
     factory.clock.advance(0.02)
@@ -59,7 +62,7 @@ def test_over_the_limit_for_the_whole_grace_is_dropped():
 def test_a_burst_drained_within_the_grace_is_kept():
     proto, factory, transport = paused_connection(grace=1.0)
     for _ in range(5):
-        proto._write(b"x" * LIMIT)  # five times the limit, in one turn
+        proto.write(b"x" * LIMIT)  # five times the limit, in one turn
     factory.clock.advance(0.5)
     proto.resumeProducing()  # the client read it all
     assert transport.value() == b"x" * (5 * LIMIT)
@@ -69,7 +72,7 @@ def test_a_burst_drained_within_the_grace_is_kept():
 
 def test_zero_grace_drops_at_once():
     proto, factory, transport = paused_connection(grace=0.0)
-    proto._write(b"x" * LIMIT)
+    proto.write(b"x" * LIMIT)
     assert factory.dropped_slow == 0
-    proto._write(b"x")
+    proto.write(b"x")
     assert factory.dropped_slow == 1 and transport.disconnecting

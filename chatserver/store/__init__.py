@@ -7,7 +7,6 @@ in ``sql.py``; the core only ever sees ``Store``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +22,10 @@ class SchemaError(Exception):
 
 
 EVERYWHERE = ""  # the room of a global ban
+
+# Called once per finished write batch with a function that fires the batch's
+# appends, in order: the caller runs it where their results may leave together.
+CommitHandler = Callable[[Callable[[], None]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +51,21 @@ class Store(Protocol):
 
     Ids in a room start at 1, have no gaps and increase in commit order, even with
     several writers; ``append`` fires only once the message is committed.
-
-    ``batch_scope`` is entered around firing the appends of one committed
-    batch, so that whatever they send can leave together (the service sets it
-    to the WebSocket factory's ``coalesced``).
     """
 
-    batch_scope: Callable[[], AbstractContextManager[None]]
+    # Counters for metrics.
+    batches: int
+    stored: int
+    failed: int
+    rejected: int
+    last_batch_size: int
+    busy: int  # interactions handed to the pool and not finished
+
+    @property
+    def pool_size(self) -> int: ...
+
+    def start(self, on_commit: CommitHandler) -> None:
+        """Report each finished write batch to ``on_commit`` (before: appends fire at once)."""
 
     def append(self, room: str, user: str, body: str) -> Deferred[StoredMessage]: ...
 
@@ -79,5 +90,11 @@ class Store(Protocol):
         """``room`` is ``EVERYWHERE`` for a ban from every room and from connecting."""
 
     def queue_depth(self) -> int: ...
+
+    def ping(self) -> Deferred[None]:
+        """Fires once the database answered a trivial query."""
+
+    def flush(self) -> Deferred[None]:
+        """Fires once every queued message has been written (or has failed)."""
 
     def close(self) -> Deferred[None]: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 
 from chatserver.config import Config
-from chatserver.store.sql import SQLStore
+from chatserver.store import Store
 
 
 def prepare(config: Config) -> None:
@@ -20,7 +20,7 @@ def prepare(config: Config) -> None:
         postgres.check(config.database_url)
 
 
-def open_store(config: Config, clock: IReactorTime) -> SQLStore:
+def open_store(config: Config, clock: IReactorTime) -> Store:
     limits = {"queue_max": config.store_queue_max, "batch_max": config.store_batch_max}
     if config.is_sqlite:
         from chatserver.store import sqlite

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from twisted.enterprise import adbapi
@@ -23,6 +22,7 @@ from twisted.python.failure import Failure
 from chatserver.store import (
     EVERYWHERE,
     Access,
+    CommitHandler,
     SchemaError,
     StoredMessage,
     StoreUnavailable,
@@ -30,6 +30,8 @@ from chatserver.store import (
 from chatserver.store.schema import LATEST, MIGRATIONS
 
 Row = tuple[str, int, str, str, int]  # room, id, user, body, ts
+# Users per ban query after a broker outage: well under any placeholder limit.
+BANS_QUERY_CHUNK = 500
 Entry = tuple[str, str, str]  # room, user, body
 
 
@@ -151,6 +153,10 @@ def check_schema(connection: Any, dialect: Dialect) -> None:
         )
 
 
+def _fire_now(fire: Callable[[], None]) -> None:
+    fire()
+
+
 class _Pending:
     __slots__ = ("body", "deferred", "room", "user")
 
@@ -190,8 +196,7 @@ class SQLStore:
         self._idle_waiters: list[Deferred[None]] = []
         self._closed = False
         self.busy = 0  # interactions handed to the pool and not finished
-        # Entered around firing one committed batch's results (see Store).
-        self.batch_scope: Callable[[], AbstractContextManager[None]] = nullcontext
+        self._on_commit: CommitHandler = _fire_now
         # Counters for metrics.
         self.batches = 0
         self.stored = 0
@@ -200,6 +205,9 @@ class SQLStore:
         self.last_batch_size = 0
 
     # -- writes ---------------------------------------------------------------
+
+    def start(self, on_commit: CommitHandler) -> None:
+        self._on_commit = on_commit
 
     def append(self, room: str, user: str, body: str) -> Deferred[StoredMessage]:
         if self._closed:
@@ -281,9 +289,12 @@ class SQLStore:
         self.batches += 1
         self.stored += len(batch)
         self.last_batch_size = len(batch)
-        with self.batch_scope():
+
+        def fire() -> None:
             for p, mid in zip(batch, ids, strict=True):
                 p.deferred.callback(StoredMessage(p.room, mid, p.user, p.body, ts))
+
+        self._on_commit(fire)
         self._after_write()
 
     def _write_failed(self, failure: Failure, batch: list[_Pending], attempts_left: int) -> None:
@@ -299,8 +310,12 @@ class SQLStore:
         self.log.warn(
             "storing {count} messages failed: {error}", count=len(batch), error=repr(cause)
         )
-        for p in batch:
-            p.deferred.errback(StoreUnavailable("message could not be stored; try again"))
+
+        def fire() -> None:
+            for p in batch:
+                p.deferred.errback(StoreUnavailable("message could not be stored; try again"))
+
+        self._on_commit(fire)
         self._after_write()
 
     def _after_write(self) -> None:
@@ -310,9 +325,9 @@ class SQLStore:
             for w in waiters:
                 w.callback(None)
 
-    # -- reads ----------------------------------------------------------------
+    # -- reads, and changes that are safe to run twice ---------------------------
 
-    def _read(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
+    def _run(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
         def run(txn: Any) -> Any:
             try:
                 return interaction(txn, *args)
@@ -350,7 +365,7 @@ class SQLStore:
             txn.execute("SELECT 1")
             txn.fetchall()
 
-        return self._read(q)
+        return self._run(q)
 
     def last_id(self, room: str) -> Deferred[int | None]:
         def q(txn: Any) -> int | None:
@@ -358,7 +373,7 @@ class SQLStore:
             row = txn.fetchone()
             return row[0] if row and row[0] else None
 
-        return self._read(q)
+        return self._run(q)
 
     def history(
         self, room: str, before: int | None, after: int | None, limit: int
@@ -384,7 +399,7 @@ class SQLStore:
                 rows.reverse()
             return [StoredMessage(room, r[0], r[1], r[2], r[3]) for r in rows], more
 
-        return self._read(q)
+        return self._run(q)
 
     # -- access ---------------------------------------------------------------
 
@@ -405,7 +420,7 @@ class SQLStore:
             txn.execute(ban_q, (room, EVERYWHERE, user))
             return Access(private, member, txn.fetchone() is not None)
 
-        return self._read(q)
+        return self._run(q)
 
     def banned_everywhere(self, user: str) -> Deferred[bool]:
         query = self._dialect.sql("SELECT 1 FROM bans WHERE room = %s AND username = %s")
@@ -414,10 +429,11 @@ class SQLStore:
             txn.execute(query, (EVERYWHERE, user))
             return txn.fetchone() is not None
 
-        return self._read(q)
+        return self._run(q)
 
     def bans_of(self, users: list[str]) -> Deferred[list[tuple[str, str]]]:
-        chunks = [users[i : i + 500] for i in range(0, len(users), 500)]
+        step = BANS_QUERY_CHUNK
+        chunks = [users[i : i + step] for i in range(0, len(users), step)]
         sql = self._dialect.sql
 
         def q(txn: Any) -> list[tuple[str, str]]:
@@ -429,7 +445,7 @@ class SQLStore:
                 found += [(row[0], row[1]) for row in txn.fetchall()]
             return found
 
-        return self._read(q)
+        return self._run(q)
 
     def _change(self, statement: str, args: tuple) -> Deferred[None]:
         sql = self._dialect.sql(statement)
@@ -438,7 +454,7 @@ class SQLStore:
             txn.execute(sql, args)
 
         # Every change here is idempotent, so the read path's retry is safe.
-        return self._read(q)
+        return self._run(q)
 
     def set_room(self, room: str, private: bool) -> Deferred[None]:
         return self._change(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.plugin import IPlugin
@@ -81,6 +82,21 @@ def raise_open_files_limit() -> None:
     )
 
 
+def stop_cleanly_on_signals(reactor: Any) -> None:
+    """SIGTERM and SIGINT stop the reactor like Twisted's own handlers (the service
+    drains its clients), but are not re-raised when twistd exits: a server that
+    drained has done its job and exits 0, which is what systemd and container
+    runtimes expect from a clean stop. Runs after the reactor installed its
+    handlers, and replaces them."""
+    import signal
+
+    def stop(number: int, frame: Any) -> None:
+        reactor.callFromThread(reactor.stop)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, stop)
+
+
 @implementer(IServiceMaker, IPlugin)
 class ChatServerMaker:
     tapname = "chatserver"
@@ -101,18 +117,14 @@ class ChatServerMaker:
                 "{frozen} objects from start-up kept out of garbage collection", frozen=frozen
             )
 
-        def exit_zero_after_clean_stop() -> None:
-            # twistd re-raises SIGTERM after a clean shutdown, so the process would
-            # exit "killed"; a drained server has done its job and exits 0.
-            reactor._exitSignal = None
-
-        reactor.addSystemEventTrigger("after", "shutdown", exit_zero_after_clean_stop)
         reactor.callWhenRunning(freeze)
         raise_open_files_limit()
         try:
-            return ChatServerService(options.config, reactor)
+            service = ChatServerService(options.config, reactor)
         except SchemaError as e:
             raise SystemExit(f"chatserver: {e}") from None
+        reactor.callWhenRunning(stop_cleanly_on_signals, reactor)
+        return service
 
 
 serviceMaker = ChatServerMaker()

@@ -1,0 +1,87 @@
+"""A session: what the chat core knows of one connection.
+
+The core creates it when it admits a handshake and forgets it when the
+connection ends. The transport behind it only sends bytes and closes; it
+holds nothing of the chat. So the core can be driven with a fake transport
+and a fake clock, and a second transport would need no change here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+
+
+class Transport(Protocol):
+    """What the core needs of a connection."""
+
+    def write(self, data: bytes) -> None:
+        """Send whole WebSocket frames, in order; bounded (a client that does not read is
+        dropped by the transport)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Start a closing handshake with ``code``; frames written before it go first."""
+
+
+def _not_open(data: bytes) -> None:
+    """A session's writes before its WebSocket opens, or after it closed, go nowhere."""
+
+
+class Session:
+    __slots__ = (
+        "address",
+        "bad_frames",
+        "counted",
+        "expiry",
+        "granted",
+        "open",
+        "rooms",
+        "strikes",
+        "tokens",
+        "tokens_at",
+        "transport",
+        "user",
+        "write",
+    )
+
+    def __init__(
+        self, user: str, address: str, granted: frozenset[str], tokens: float, now: float
+    ) -> None:
+        self.user = user
+        self.address = address
+        self.granted = granted  # private rooms the user's token grants
+        # room -> None once joined, or the Deferred of a join still in progress.
+        self.rooms: dict[str, Deferred[int] | None] = {}
+        # Token bucket for the frame rate, and rate-limited frames in a row.
+        self.tokens = tokens
+        self.tokens_at = now
+        self.strikes = 0
+        self.bad_frames = 0
+        self.open = False  # the WebSocket is open: frames may be sent
+        self.counted = True  # against the admission limits, until the core closes it
+        self.transport: Transport | None = None
+        self.expiry: IDelayedCall | None = None
+        # The transport's write itself, once open: one call per delivery.
+        self.write: Callable[[bytes], None] = _not_open
+
+    def attach(self, transport: Transport) -> None:
+        self.transport = transport
+        self.write = transport.write
+        self.open = True
+
+    def detach(self) -> None:
+        self.open = False
+        self.write = _not_open
+        if self.expiry is not None and self.expiry.active():
+            self.expiry.cancel()
+        self.expiry = None
+
+    def close(self, code: int, reason: str) -> None:
+        if self.open and self.transport is not None:
+            self.transport.close(code, reason)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.user}@{self.address} rooms={len(self.rooms)}>"

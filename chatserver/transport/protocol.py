@@ -1,0 +1,153 @@
+"""One WebSocket connection: Autobahn's protocol, adapted to the chat core's ``Session``.
+
+The handshake is where a connection is refused: origin and authentication
+here, limits and bans by the core (``Chat.admit``). After it, frames go to
+``Chat.handle`` and the core writes back through ``write``/``close``; this
+class keeps only what a connection needs (its outbound queue, its pings),
+nothing of the chat.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from chatserver import auth, wire
+from chatserver.admission import Refused
+from chatserver.session import Session
+from chatserver.transport.outbound import Outbound
+
+log = Logger()
+
+_STATUS_TEXT = {401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests"}
+
+
+def _text(reason: str | bytes | None) -> str:
+    if isinstance(reason, bytes):
+        return reason.decode("utf-8", "replace")
+    return reason or ""
+
+
+class ChatProtocol(Outbound, WebSocketServerProtocol):
+    # Module-level logger: Autobahn's own ``self.log`` is a level-filtered txaio
+    # logger, which a twisted Logger class attribute would replace.
+    session: Session | None = None
+    user = ""
+    address = ""
+    gone = False  # the TCP connection is closed
+    ws_open = False  # the WebSocket is open (Twisted's own `connected` means TCP)
+    opened_at = 0.0
+    ping_due = 0.0  # when the next WebSocket ping is sent
+    pong_deadline = 0.0  # when an unanswered ping counts as a dead peer; 0: none out
+    handshake_channel: Any = None  # the HTTP channel whose deadline covers our handshake
+
+    # -- handshake ----------------------------------------------------------
+
+    def onConnect(self, request: Any) -> Deferred[str | None]:
+        return Deferred.fromCoroutine(self._admit(request))
+
+    def _deny(self, status: int, reason: str, request: Any) -> ConnectionDeny:
+        self.factory.rejected[reason] += 1
+        log.info(
+            "handshake from {address} refused ({status}): {reason}",
+            address=self.address or request.peer,
+            status=status,
+            reason=reason,
+        )
+        return ConnectionDeny(status, _STATUS_TEXT.get(status, "Refused"))
+
+    async def _admit(self, request: Any) -> str | None:
+        factory = self.factory
+        peer = self.transport.getPeer()
+        self.address = factory.proxies.client_address(
+            getattr(peer, "host", ""), request.headers.get("x-forwarded-for")
+        )
+        if not factory.origins.allows(request.headers.get("origin")):
+            raise self._deny(403, "origin not allowed", request)
+        try:
+            identity = factory.authenticator.authenticate(request.params)
+        except auth.AuthError as e:
+            raise self._deny(e.status, e.reason, request) from None
+        self.user = identity.user
+        try:
+            session = await factory.chat.admit(identity, self.address)
+        except Refused as e:
+            raise self._deny(e.status, e.reason, request) from None
+        if self.gone:
+            # Hung up while the core checked: its slot is free again, nothing else to undo.
+            factory.chat.close(session)
+            raise ConnectionDeny(400, "Gone")
+        self.session = session
+        if wire.SUBPROTOCOL in request.protocols:
+            return wire.SUBPROTOCOL
+        return None
+
+    def onOpen(self) -> None:
+        factory = self.factory
+        self.ws_open = True
+        self.opened_at = factory.clock.seconds()
+        self.ping_due = self.opened_at + factory.config.ping_interval
+        log.info("connection open: {user} from {address}", user=self.user, address=self.address)
+        factory.connections.add(self)
+        self.start_writing()
+        channel, self.handshake_channel = self.handshake_channel, None
+        if channel is not None:
+            channel.upgraded()  # its deadline is met: the HTTP side can go now
+        # Whoever had the transport before (the HTTP channel) lets go of it first.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+        self.opened()
+        factory.chat.open(self.session, self)
+
+    def opened(self) -> None:
+        """For the fast paths' mixins: the connection is open and nothing is being parsed."""
+
+    def compact(self) -> None:
+        """For the fast paths' mixins: called before each ping, never mid-frame."""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.chat.handle(self.session, payload, isBinary)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.gone = True
+        super().connectionLost(reason)
+        self._end_session()  # also when Autobahn skips onClose for a half-done handshake
+
+    def _end_session(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            self.factory.chat.close(session)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.stop_writing()
+        self._end_session()
+        if not self.ws_open:
+            return
+        self.ws_open = False
+        factory = self.factory
+        factory.connections.discard(self)
+        # Our own close code when we closed (1001, 1008, 4001, ...), else the peer's.
+        log.info(
+            "connection closed: {user} from {address} after {duration:.1f}s, {code} {reason}",
+            user=self.user,
+            address=self.address,
+            duration=factory.clock.seconds() - self.opened_at,
+            code=self.localCloseCode if self.closedByMe and self.localCloseCode else code,
+            reason=_text(self.localCloseReason if self.closedByMe else reason),
+        )
+        factory.closed(self)
+
+    def onPong(self, payload: bytes) -> None:
+        self.pong_deadline = 0.0
+        self.ping_due = self.factory.clock.seconds() + self.factory.config.ping_interval
+
+    # -- session.Transport: write (Outbound) and close ----------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        # sendClose() only takes application codes; 1001/1008 are protocol-level.
+        if self.ws_open and self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
