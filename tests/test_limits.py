@@ -17,7 +17,6 @@ from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory as ProtocolFactory
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from wsclient import TIMEOUT, Client, HandshakeRefused, connect, handshake_status, http_get
 
 ensure = pytest_twisted.ensureDeferred
@@ -49,9 +48,7 @@ def bounded(d: Deferred[Any], timeout: float) -> Deferred[Any]:
 
 def server_closed(server: Any, proto: Any, timeout: float = TIMEOUT) -> Deferred[None]:
     """Fires when the server has run ``onClose`` for ``proto`` (bounded by ``timeout``)."""
-    d: Deferred[None] = Deferred()
-    server.factory._close_waiters.setdefault(proto, []).append(d)
-    return bounded(d, timeout)
+    return bounded(server.factory.when_closed(proto), timeout)
 
 
 async def close_and_wait_server(server: Any, client: Client) -> None:
@@ -198,7 +195,7 @@ async def test_connections_per_user_hold_under_a_burst_of_handshakes(make_server
     try:
         assert all(f.check(HandshakeRefused) for f in failures), failures
         assert len(opened) == 2, f"{len(opened)} of 10 simultaneous handshakes for one user opened"
-        assert server.chat.connections_of("burst") == 2
+        assert len(server.chat.users["burst"]) == 2
     finally:
         for client in opened:
             await close_and_wait_server(server, client)
@@ -217,7 +214,7 @@ async def test_connections_per_ip_edge_and_forwarded_for_is_ignored_by_default(m
     spoofed = {"X-Forwarded-For": "203.0.113.5"}
     assert await handshake_status(server.port, query="user=c", headers=spoofed) == 429
     assert await refused(server.port, "c", headers=spoofed)
-    assert server.factory.by_address == {"127.0.0.1": 2}
+    assert server.chat.admission.by_address == {"127.0.0.1": 2}
 
     await close_and_wait_server(server, a)
     c = await connect(server.port, "c")
@@ -244,7 +241,7 @@ async def test_connections_per_ip_behind_a_trusted_proxy(make_server):
     assert (await q.request({"type": "ping"}))["type"] == "pong"
     # So is the proxy itself (no header).
     local = await connect(server.port, "local")
-    assert server.factory.by_address == {"203.0.113.5": 2, "203.0.113.6": 1, "127.0.0.1": 1}
+    assert server.chat.admission.by_address == {"203.0.113.5": 2, "203.0.113.6": 1, "127.0.0.1": 1}
 
     await close_and_wait_server(server, p1)
     p4 = await connect(server.port, "p4", headers=five)
@@ -262,7 +259,7 @@ async def test_connections_per_ip_hold_under_a_burst_of_handshakes(make_server):
     try:
         assert all(f.check(HandshakeRefused) for f in failures), failures
         assert len(opened) == 3, f"{len(opened)} of 10 simultaneous handshakes from one address"
-        assert server.factory.by_address["127.0.0.1"] == 3
+        assert server.chat.admission.by_address["127.0.0.1"] == 3
     finally:
         for client in opened:
             await close_and_wait_server(server, client)
@@ -305,19 +302,41 @@ async def test_origin_policy(make_server, allowed, origin, status):
 
 
 # -- 5. handshake timeout ---------------------------------------------------------
+#
+# The deadline runs on the server's clock, a task.Clock here that only the test
+# moves: each test puts the connection where it wants it, then moves the clock
+# to just short of the deadline and past it.
+
+DEADLINE = 8.0  # handshake_timeout
+EDGE = 1 / 64  # how far short of the deadline, or past it (exact in binary)
+CLOSE_1000 = b"\x88\x82\x00\x00\x00\x00\x03\xe8"  # a client's close frame (mask 0), code 1000
+CLOSE_1000_REPLY = b"\x88\x02\x03\xe8"  # the server's answer to it
 
 
-async def hung_up_within(conn: RawConnection, seconds: float) -> bool:
-    """True if the server closes ``conn`` within ``seconds``; the connection is gone after."""
-    try:
-        await bounded(conn.lost, seconds)
-        return True
-    except DeferTimeoutError:
-        return False
-    finally:
-        if not conn.lost.called:
-            conn.transport.abortConnection()
-            await bounded(conn.lost, TIMEOUT)
+def fake_clock() -> Any:
+    """A clock for the server's connections that moves only when the test advances it."""
+    from twisted.internet.task import Clock
+
+    return Clock()
+
+
+async def server_caught_up(server: Any) -> None:
+    """Returns once the server has accepted every connection made before this call and
+    read everything they sent before it: an HTTP round trip on a new connection.
+
+    Over loopback, bytes sent are ready at the other end at once, and the reactor
+    serves every ready socket on each turn; this answer needs several turns more.
+    (The round trip's own deadline ends with its request: it never times out.)
+    """
+    code, _ = await http_get(server.port, "/healthz")
+    assert code == 200
+
+
+async def hang_up(conn: RawConnection) -> None:
+    """Close ``conn`` from our side if the server hasn't; it is gone after."""
+    if not conn.lost.called:
+        conn.transport.abortConnection()
+    await bounded(conn.lost, TIMEOUT)
 
 
 async def stop_within(server: Any, seconds: float = 20.0) -> None:
@@ -327,19 +346,22 @@ async def stop_within(server: Any, seconds: float = 20.0) -> None:
         await bounded(server.stopService(), seconds)
 
 
-async def at_phase(fraction: float) -> None:
-    """Wait until the wall clock's fractional second is ``fraction`` (a deliberate delay)."""
-    await deferLater(reactor, (fraction - reactor.seconds() % 1.0) % 1.0, lambda: None)
-
-
 @ensure
-async def test_silent_connection_is_closed_after_handshake_timeout(make_server):
-    server = make_server(handshake_timeout=0.5)
+async def test_silent_connection_is_closed_at_the_handshake_deadline(make_server):
+    clock = fake_clock()
+    server = make_server(handshake_timeout=DEADLINE, clock=clock)
     try:
         silent = await raw_connection(server.port)
-        assert await hung_up_within(silent, 5.0), "a connection that sent nothing was kept open"
-        assert silent.data == b""
-        assert server.site.handshake_timeouts == 1
+        try:
+            await server_caught_up(server)  # accepted: its deadline runs from now
+            clock.advance(DEADLINE - EDGE)
+            assert server.site.handshake_timeouts == 0
+            clock.advance(EDGE)
+            assert server.site.handshake_timeouts == 1, "a connection that sent nothing was kept"
+            await bounded(silent.lost, TIMEOUT)
+            assert silent.data == b""
+        finally:
+            await hang_up(silent)
         _, metrics = await http_get(server.port, "/metrics")
         assert b'chatserver_handshake_rejections_total{reason="handshake timeout"} 1.0' in metrics
     finally:
@@ -347,63 +369,85 @@ async def test_silent_connection_is_closed_after_handshake_timeout(make_server):
 
 
 @ensure
-async def test_half_sent_upgrade_request_is_closed_after_handshake_timeout(make_server):
-    server = make_server(handshake_timeout=0.5)
+async def test_half_sent_upgrade_request_is_closed_at_the_handshake_deadline(make_server):
+    """Half the request halfway to the deadline: still cut at the deadline counted from the
+    connection, and the rest just after it is too late."""
+    clock = fake_clock()
+    server = make_server(handshake_timeout=DEADLINE, clock=clock)
     try:
         slowloris = await raw_connection(server.port)
-        request = upgrade_request(server.port)
-        slowloris.transport.write(request[: len(request) // 2])
-        assert await hung_up_within(slowloris, 5.0), "a half-sent handshake was kept open"
-        assert b" 101 " not in slowloris.data
+        try:
+            await server_caught_up(server)  # accepted: its deadline runs from now
+            clock.advance(DEADLINE / 2)
+            request = upgrade_request(server.port)
+            slowloris.transport.write(request[: len(request) // 2])
+            await server_caught_up(server)  # the half read
+            clock.advance(DEADLINE / 2 - EDGE)
+            assert server.site.handshake_timeouts == 0
+            clock.advance(2 * EDGE)
+            assert server.site.handshake_timeouts == 1, "a half-sent handshake was kept open"
+            slowloris.transport.write(request[len(request) // 2 :])
+            await bounded(slowloris.lost, TIMEOUT)
+            assert b" 101 " not in slowloris.data
+        finally:
+            await hang_up(slowloris)
     finally:
         await stop_within(server)
 
 
 @ensure
-async def test_trickled_upgrade_request_is_closed_after_handshake_timeout(make_server):
-    """The timeout bounds the whole handshake, not the pause between two bytes of it."""
-    server = make_server(handshake_timeout=0.5)
+async def test_trickled_upgrade_request_is_closed_at_the_deadline_from_the_connection(
+    make_server,
+):
+    """The deadline bounds the whole handshake, not the pause between two bytes of it."""
+    clock = fake_clock()
+    server = make_server(handshake_timeout=DEADLINE, clock=clock)
     try:
         trickle = await raw_connection(server.port)
-        request = upgrade_request(server.port)
-        # One byte every 0.1 s (the whole request would take ~17 s); give up after 5 s.
         try:
-            for i in range(50):
-                if trickle.lost.called:
+            request = upgrade_request(server.port)
+            step = DEADLINE / 16  # one byte a step: the whole request would take ~85 s
+            for sent in range(1, len(request) + 1):
+                trickle.transport.write(request[sent - 1 : sent])
+                # The byte is read: a deadline that restarted with each byte would restart now.
+                await server_caught_up(server)
+                clock.advance(step)
+                if server.site.handshake_timeouts:
                     break
-                trickle.transport.write(request[i : i + 1])
-                await deferLater(reactor, 0.1, lambda: None)
-            assert trickle.lost.called, "a handshake trickled a byte at a time was kept open 5 s"
+            assert server.site.handshake_timeouts == 1, "a handshake trickled in was kept open"
+            assert (sent, clock.seconds()) == (16, DEADLINE)  # cut at the deadline, not later
+            await bounded(trickle.lost, TIMEOUT)
+            assert b" 101 " not in trickle.data
         finally:
-            await hung_up_within(trickle, 0.0)
+            await hang_up(trickle)
     finally:
         await stop_within(server)
 
 
-@pytest.mark.parametrize("phase", [0.05, 0.3, 0.55, 0.8])
 @ensure
-async def test_upgrade_request_completed_within_handshake_timeout_is_accepted(make_server, phase):
-    """Half the request, then the rest 0.2 s later: well within 0.5 s, so 101.
-
-    ``phase`` is where in the wall clock's second the request completes: the
-    answer must not depend on it.
-    """
-    server = make_server(handshake_timeout=0.5)
+async def test_upgrade_request_completed_just_before_the_deadline_is_accepted(make_server):
+    """Half the request at once, the rest just before the deadline: 101, and the open
+    WebSocket outlives the deadline."""
+    clock = fake_clock()
+    server = make_server(handshake_timeout=DEADLINE, clock=clock)
     try:
-        # The deadline runs from the connection: connect at the phase, send at once.
-        await at_phase((phase - 0.2) % 1.0)
         conn = await raw_connection(server.port)
         try:
             request = upgrade_request(server.port)
             conn.transport.write(request[: len(request) // 2])
-            # A deliberate delay that creates the condition: the request arrives in two parts.
-            await deferLater(reactor, 0.2, lambda: None)
+            await server_caught_up(server)  # accepted, and the half read
+            clock.advance(DEADLINE - EDGE)
             conn.transport.write(request[len(request) // 2 :])
             response = await bounded(conn.headers, TIMEOUT)
             assert response.startswith(b"HTTP/1.1 101 "), response
             assert [p.user for p in server.factory.connections] == ["alice"]
+            clock.advance(DEADLINE)  # long past the deadline: it ended when the WebSocket opened
+            assert server.site.handshake_timeouts == 0
+            conn.transport.write(CLOSE_1000)  # and the WebSocket answers a close handshake
+            await bounded(conn.lost, TIMEOUT)
+            assert conn.data.endswith(CLOSE_1000_REPLY), conn.data
         finally:
-            await hung_up_within(conn, 0.0)
+            await hang_up(conn)
     finally:
         await stop_within(server)
 
@@ -413,23 +457,26 @@ async def test_client_gone_during_handshake_does_not_keep_its_slot(make_server):
     """A client that hangs up while its handshake is being checked is not counted forever."""
     server = make_server(max_connections_per_user=1, max_connections_per_ip=2)
     lookup = server.store.banned_everywhere
+    ghost_checked: Deferred[bool] = Deferred()  # the ghost's ban check, answered by the test
+    asked: Deferred[None] = Deferred()
 
-    def slow_lookup(user: str) -> Deferred[bool]:
-        # A slow store (a deliberate delay): the ghost is gone before its ban check answers.
-        return lookup(user).addCallback(lambda banned: deferLater(reactor, 0.3, lambda: banned))
+    def held_lookup(user: str) -> Deferred[bool]:
+        asked.callback(None)
+        return ghost_checked
 
-    server.store.banned_everywhere = slow_lookup
+    server.store.banned_everywhere = held_lookup
     try:
         ghost = await raw_connection(server.port)
         ghost.transport.write(upgrade_request(server.port, "ghost"))
-        ghost.transport.loseConnection()  # after the request is flushed
+        await bounded(asked, TIMEOUT)  # its request is read, its ban check under way
+        ghost.transport.loseConnection()
         await bounded(ghost.lost, TIMEOUT)
-        # Lookups answer in the order they were asked, so once bob is through,
-        # the server has finished with the ghost's handshake too.
+        server.store.banned_everywhere = lookup
+        ghost_checked.callback(False)  # the store answers after the client left
         bob = await connect(server.port, "bob")
         assert [p.user for p in server.factory.connections] == ["bob"]
-        assert server.factory.by_address == {"127.0.0.1": 1}
-        assert server.chat.connections_of("ghost") == 0
+        assert server.chat.admission.by_address == {"127.0.0.1": 1}
+        assert "ghost" not in server.chat.admission.by_user
         again = await connect(server.port, "ghost")
         await close_and_wait_server(server, again)
         await close_and_wait_server(server, bob)
@@ -581,19 +628,34 @@ async def test_zero_grace_drops_a_non_reader_once_over_the_buffer(make_server):
         a.send({"type": "history", "room": "big", "after": 0, "limit": 100, "ref": f"h{i}"})
     await gone
     assert server.factory.dropped_slow == 1
-    assert proto._over_timer is None
+    assert not proto.send_buffer_over
 
 
 @ensure
 async def test_handshake_deadline_covers_the_checks_after_the_request(make_server):
     """A request read in full, then a ban check that never answers: still cut at the deadline."""
-    server = make_server(handshake_timeout=0.5)
-    server.store.banned_everywhere = lambda user: Deferred()  # never answers
+    clock = fake_clock()
+    server = make_server(handshake_timeout=DEADLINE, clock=clock)
+    asked: Deferred[str] = Deferred()
+
+    def never_answers(user: str) -> Deferred[bool]:
+        if not asked.called:
+            asked.callback(user)
+        return Deferred()
+
+    server.store.banned_everywhere = never_answers
     try:
         conn = await raw_connection(server.port)
-        conn.transport.write(upgrade_request(server.port, "stuck"))
-        assert await hung_up_within(conn, 5.0), "a handshake stuck in its checks was kept open"
-        assert b" 101 " not in conn.data
-        assert server.site.handshake_timeouts == 1
+        try:
+            conn.transport.write(upgrade_request(server.port, "stuck"))
+            assert await bounded(asked, TIMEOUT) == "stuck"  # read in full, now in its checks
+            clock.advance(DEADLINE - EDGE)
+            assert server.site.handshake_timeouts == 0
+            clock.advance(EDGE)
+            assert server.site.handshake_timeouts == 1, "a handshake stuck in its checks was kept"
+            await bounded(conn.lost, TIMEOUT)
+            assert b" 101 " not in conn.data
+        finally:
+            await hang_up(conn)
     finally:
         await stop_within(server)
