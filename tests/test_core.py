@@ -12,6 +12,7 @@ import json
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from wsclient import server_frame_payloads
 
 from chatserver import wire
 from chatserver.admission import Refused
@@ -26,15 +27,7 @@ from chatserver.store import EVERYWHERE, Access, StoredMessage, StoreUnavailable
 
 
 def frames_of(data: bytes) -> list[dict]:
-    out, pos = [], 0
-    while pos < len(data):
-        assert data[pos] == 0x81
-        n, pos = data[pos + 1], pos + 2
-        if n == 126:
-            n, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
-        out.append(json.loads(data[pos : pos + n]))
-        pos += n
-    return out
+    return [json.loads(p) for p in server_frame_payloads(data)]
 
 
 class FakeTransport:

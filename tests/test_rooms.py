@@ -6,6 +6,7 @@ import json
 
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
+from wsclient import server_frame_payloads
 
 from chatserver import wire
 from chatserver.broker.memory import MemoryBroker, MemoryHub
@@ -30,19 +31,6 @@ class ListStore:
         return succeed((newer[:limit], len(newer) > limit))
 
 
-def payloads(data):
-    """The payloads of the unmasked text frames in ``data`` (one write may hold several)."""
-    out, pos = [], 0
-    while pos < len(data):
-        assert data[pos] == 0x81
-        n, pos = data[pos + 1], pos + 2
-        if n == 126:
-            n, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
-        out.append(data[pos : pos + n])
-        pos += n
-    return out
-
-
 class Member:
     def __init__(self):
         self.got = []
@@ -50,7 +38,7 @@ class Member:
 
     def write(self, data):
         # Frames of one batch arrive joined in one write.
-        for payload in payloads(data):
+        for payload in server_frame_payloads(data):
             obj = json.loads(payload)
             self.got.append(obj.get("id", obj.get("type")))
         self.writes += 1

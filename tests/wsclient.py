@@ -220,3 +220,18 @@ async def http_json(
         return response.code, json.loads(text)
     except ValueError:
         return response.code, None
+
+
+def server_frame_payloads(data: bytes) -> list[bytes]:
+    """The payloads of the unmasked text frames a server wrote (one write may hold several)."""
+    out, pos = [], 0
+    while pos < len(data):
+        assert data[pos] == 0x81, data[pos:]
+        n, pos = data[pos + 1], pos + 2
+        if n == 126:
+            n, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        elif n == 127:
+            n, pos = int.from_bytes(data[pos : pos + 8], "big"), pos + 8
+        out.append(data[pos : pos + n])
+        pos += n
+    return out
