@@ -1,16 +1,27 @@
-"""Several server instances on one throwaway redis-server: fan-out, isolation, faults, TLS."""
+"""Several server instances on one throwaway redis-server: fan-out, isolation, faults, TLS.
+
+The first tests drive RedisBroker directly (no chat core); the rest run whole
+servers. Fast paths are on or off as CHATSERVER_FAST_PATHS says.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import pytest_twisted
-from conftest import fresh_database
+from conftest import fast_paths_wanted, fresh_database
 from servers import RedisServer
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
 from wsclient import connect
 
 from chatserver import wire
+from chatserver.broker.redis import RedisBroker
+from chatserver.compat import FastPaths
+from chatserver.compat.txredisapi import CHECKS, PUSH
+from chatserver.config import Config
 from chatserver.rooms import broker_payload
 
 ensure = pytest_twisted.ensureDeferred
@@ -25,6 +36,147 @@ def redis():
         yield server
     finally:
         server.close()
+
+
+class Inbox:
+    """What a broker hands the core, in the order handed over."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self._waiting: list[tuple[Callable[[], bool], Deferred[None]]] = []
+
+    def on_messages(self, batch: list[tuple[str, bytes]]) -> None:
+        self.calls.append(("messages", batch))
+        self._wake()
+
+    def on_control(self, payload: bytes) -> None:
+        self.calls.append(("control", payload))
+        self._wake()
+
+    def on_resync(self) -> None:
+        self.calls.append(("resync", None))
+
+    def flat(self) -> list[tuple[str, bytes]]:
+        """(room, payload) for each room message, ("control", payload) for the others."""
+        out: list[tuple[str, bytes]] = []
+        for kind, detail in self.calls:
+            if kind == "messages":
+                out += detail
+            elif kind == "control":
+                out.append(("control", detail))
+        return out
+
+    def reads(self) -> list[Any]:
+        """Each room-message list as its payloads, each control message as itself."""
+        return [
+            [payload for _, payload in detail] if kind == "messages" else detail
+            for kind, detail in self.calls
+            if kind != "resync"
+        ]
+
+    def until(self, condition: Callable[[], bool]) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiting.append((condition, d))
+        self._wake()
+        return d.addTimeout(15, reactor)
+
+    def _wake(self) -> None:
+        for entry in list(self._waiting):
+            condition, d = entry
+            if condition():
+                self._waiting.remove(entry)
+                d.callback(None)
+
+
+@pytest_twisted.async_yield_fixture
+async def make_broker():
+    """RedisBrokers driven directly, with fast paths as CHATSERVER_FAST_PATHS says."""
+    started: list[RedisBroker] = []
+
+    def make(url: str, **settings: Any) -> tuple[RedisBroker, Inbox]:
+        settings.setdefault("redis_keepalive", 0.5)
+        fast_paths = FastPaths(fast_paths_wanted(), CHECKS)
+        broker = RedisBroker(Config(redis_url=url, **settings), reactor, fast_paths)
+        inbox = Inbox()
+        broker.start(inbox.on_messages, inbox.on_resync, inbox.on_control)
+        started.append(broker)
+        return broker, inbox
+
+    yield make
+    for broker in started:
+        await broker.stop()
+
+
+@ensure
+async def test_messages_from_one_broker_reach_another_in_order(make_broker, redis):
+    # One publisher: Redis then handles A's publishes in the order A sent them.
+    a, _ = make_broker(redis.url, redis_publishers=1)
+    b, inbox = make_broker(redis.url)
+    await gatherResults([x.when_connected() for x in (a, b)]).addTimeout(15, reactor)
+    await b.subscribe("r")
+    for i in range(200):
+        a.publish("r", b"%d" % i)
+    a.publish_control(b"after them")
+    await inbox.until(lambda: len(inbox.flat()) == 201)
+    assert inbox.flat() == [("r", b"%d" % i) for i in range(200)] + [("control", b"after them")]
+    assert (a.published, a.publish_failures, b.received) == (201, 0, 200)
+
+
+@ensure
+async def test_a_control_message_in_the_middle_of_a_read_keeps_its_place(make_broker, redis):
+    broker, inbox = make_broker(redis.url)
+    await broker.when_connected().addTimeout(15, reactor)
+    await broker.subscribe("r")
+    await broker.sync()
+    # What Redis sends while the broker does not read arrives in one read.
+    broker.pause_reading()
+    for payload in (b"1", b"2"):
+        assert redis.command("PUBLISH", broker.channel("r"), payload) == 1
+    assert redis.command("PUBLISH", broker.control_channel, b"kick") == 1
+    for payload in (b"3", b"4"):
+        assert redis.command("PUBLISH", broker.channel("r"), payload) == 1
+    redis.command("PING")  # Redis has written out everything before it
+    broker.resume_reading()
+    await inbox.until(lambda: len(inbox.flat()) == 5)
+    kick = ("control", b"kick")
+    assert inbox.flat() == [("r", b"1"), ("r", b"2"), kick, ("r", b"3"), ("r", b"4")]
+    if broker.fast_paths.on(PUSH):  # the room messages before and after the kick, one list each
+        assert inbox.reads() == [[b"1", b"2"], b"kick", [b"3", b"4"]]
+    else:  # txredisapi's own parser: one message at a time
+        assert inbox.reads() == [[b"1"], [b"2"], b"kick", [b"3"], [b"4"]]
+    assert broker.received == 4
+
+
+@ensure
+async def test_a_broker_waits_for_tls_verification(make_broker):
+    good = RedisServer(tls=True)
+    bad = RedisServer(tls=True, tls_names=("chat.example",))
+    try:
+        good.start()
+        bad.start()
+        files = {
+            "redis_tls_cert_file": good.client_cert_file,
+            "redis_tls_key_file": good.client_key_file,
+        }
+        a, _ = make_broker(good.url, redis_tls_ca_file=good.ca_file, **files)
+        b, inbox = make_broker(good.url, redis_tls_ca_file=good.ca_file, **files)
+        await gatherResults([x.when_connected() for x in (a, b)]).addTimeout(15, reactor)
+        await b.subscribe("secure")
+        a.publish("secure", b"over TLS")
+        await inbox.until(lambda: inbox.flat() == [("secure", b"over TLS")])
+
+        wrong, _ = make_broker(bad.url, redis_tls_ca_file=bad.ca_file)
+        events: list[tuple[str, Any]] = []
+        wrong.observe(lambda event, detail: events.append((event, detail)))
+        # Two attempts of each connection, all refused at the handshake: none
+        # was ever taken for a connected one (no subscriber, no publisher).
+        await until(lambda: events.count(("lost", "subscriber")) >= 2, "two attempts")
+        assert [e for e, _ in events if e != "lost"] == []
+        assert not wrong.connected and not wrong.subscribed
+        assert (wrong.reconnects, wrong.live_connections(), wrong.received) == (0, 0, 0)
+    finally:
+        good.close()
+        bad.close()
 
 
 def instances(make_server, redis_url: str, n: int, **settings):
@@ -59,7 +211,7 @@ def wait_event(server, name: str) -> Deferred:
 
 
 def numsub(redis, server, room: str) -> int:
-    channel = server.broker._channel(room)
+    channel = server.broker.channel(room)
     return int(redis.command("PUBSUB", "NUMSUB", channel)[1])
 
 
@@ -218,21 +370,36 @@ async def test_a_long_outage_is_filled_from_the_store_page_by_page(make_server, 
 async def test_idle_timeout_never_surfaces(make_server, redis):
     redis.command("CONFIG", "SET", "timeout", "1")
     a, b, ca, cb = await alice_on_a_bob_on_b(make_server, redis, redis_keepalive=0.3)
-    # Idle for longer than Redis' timeout: the point of the test is time passing.
-    await task.deferLater(reactor, 2.5, lambda: None)
+    # Idle for longer than Redis' timeout: every connection of ours has lived
+    # two seconds (one dropped by Redis would be new, and younger).
+    await until(lambda: len(ages_at_least(redis, 2)) >= 6, "6 connections 2 s old")
     await ca.request({"type": "send", "room": "r", "body": "after a quiet spell"})
     assert (await cb.expect("message"))["body"] == "after a quiet spell"
     for server in (a, b):
         assert server.broker.reconnects == 0
         assert server.broker.publish_failures == 0
+    # 2 instances x (1 subscriber + 2 publishers), none of them remade.
+    assert len(ages_at_least(redis, 2)) >= 6
+
+
+def ages_at_least(redis, seconds: int) -> list[int]:
+    """The ages of Redis' client connections at least ``seconds`` old."""
     ages = [
         int(field.split("=")[1])
         for line in redis.command("CLIENT", "LIST").splitlines()
         for field in line.split()
         if field.startswith("age=")
     ]
-    # 2 instances x (1 subscriber + 2 publishers), none of them remade.
-    assert len([age for age in ages if age >= 2]) >= 6
+    return [age for age in ages if age >= seconds]
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Poll ``condition`` (where no event says it became true), with a bounded deadline."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await task.deferLater(reactor, 0.1, lambda: None)
 
 
 @ensure
@@ -261,7 +428,7 @@ async def test_rediss_verifies_the_server(make_server):
         wrong = make_server(redis_url=bad.url, redis_tls_ca_file=bad.ca_file)
         await wait_event(wrong, "lost")
         assert not wrong.broker.connected
-        assert wrong.broker._subscriber is None or not wrong.broker._subscribed
+        assert not wrong.broker.subscribed
         assert wrong.broker.received == 0
         # Still serves locally, storing and acking.
         cw = await connect(wrong.port, "wendy")
@@ -372,19 +539,20 @@ async def test_the_messages_of_one_read_from_redis_reach_each_member_in_one_writ
         await m.join("r")
     # B stops reading its subscriber socket; what Redis sends meanwhile waits
     # there and is taken in one read when B reads again.
-    b.broker._subscriber.transport.pauseProducing()
+    b.broker.pause_reading()
     n = 5
-    channel = b.broker._channel("r")
+    channel = b.broker.channel("r")
     for i in range(1, n + 1):
         frame = wire.encode_message("r", i, "ghost", f"b{i}", 0)
         assert redis.command("PUBLISH", channel, broker_payload(i, frame)) == 1
     redis.command("PING")  # Redis has written out everything before it
-    before = b.registry.coalesced_frames
-    b.broker._subscriber.transport.resumeProducing()
+    before = b.coalesced_frames
+    b.broker.resume_reading()
     for m in members:
         got = await messages(m, n)
         assert [(f["id"], f["body"]) for f in got] == [(i, f"b{i}") for i in range(1, n + 1)]
-    assert b.registry.coalesced_frames - before == n * len(members)
+    if b.fast_paths.on(PUSH):  # txredisapi's own parser hands over one message at a time
+        assert b.coalesced_frames - before == n * len(members)
 
 
 @ensure
@@ -397,13 +565,13 @@ async def test_a_kick_read_with_a_message_before_it_reaches_the_member_after_the
     for m in (kicked, stays):
         await m.join("r")
     # A message, then a kick from another instance, taken by B in one read.
-    b.broker._subscriber.transport.pauseProducing()
+    b.broker.pause_reading()
     frame = wire.encode_message("r", 1, "ghost", "before the kick", 0)
-    assert redis.command("PUBLISH", b.broker._channel("r"), broker_payload(1, frame)) == 1
+    assert redis.command("PUBLISH", b.broker.channel("r"), broker_payload(1, frame)) == 1
     kick = {"op": "kick", "room": "r", "user": "kicked", "reason": "bye"}
-    assert redis.command("PUBLISH", b.broker._control_channel, wire.encode(kick)) == 1
+    assert redis.command("PUBLISH", b.broker.control_channel, wire.encode(kick)) == 1
     redis.command("PING")  # Redis has written out everything before it
-    b.broker._subscriber.transport.resumeProducing()
+    b.broker.resume_reading()
     first, second = await kicked.recv(), await kicked.recv()
     assert (first["type"], first.get("id")) == ("message", 1)
     assert second == {"type": "kicked", "room": "r", "reason": "bye"}

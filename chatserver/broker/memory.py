@@ -7,13 +7,10 @@ instances on one hub to act like several servers on one Redis.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from chatserver.broker import ControlHandler, MessageHandler, ResyncHandler
+from chatserver.broker import ControlHandler, MessagesHandler, ResyncHandler
 
 
 class MemoryHub:
@@ -29,10 +26,8 @@ class MemoryHub:
 class MemoryBroker:
     def __init__(self, hub: MemoryHub) -> None:
         self._hub = hub
-        self._on_message: MessageHandler | None = None
+        self._on_messages: MessagesHandler | None = None
         self._on_control: ControlHandler | None = None
-        # Messages arrive one call each here: nothing to group.
-        self.batch_scope: Callable[[], AbstractContextManager[None]] = nullcontext
         self.rooms: set[str] = set()
         self.published = 0
         self.received = 0
@@ -40,9 +35,9 @@ class MemoryBroker:
     connected = True  # nothing to lose: the hub is in this process
 
     def start(
-        self, on_message: MessageHandler, on_resync: ResyncHandler, on_control: ControlHandler
+        self, on_messages: MessagesHandler, on_resync: ResyncHandler, on_control: ControlHandler
     ) -> Deferred[None]:
-        self._on_message = on_message
+        self._on_messages = on_messages
         self._on_control = on_control
         self._hub.brokers.add(self)
         return succeed(None)
@@ -75,14 +70,15 @@ class MemoryBroker:
             self._hub.clock.callLater(0, broker._receive, room, payload)
 
     def _receive(self, room: str, payload: bytes) -> None:
-        if room in self.rooms and self._on_message is not None:
+        # One message per delivery here: a one-item list (nothing read together).
+        if room in self.rooms and self._on_messages is not None:
             self.received += 1
-            self._on_message(room, payload)
+            self._on_messages([(room, payload)])
 
     def stop(self) -> Deferred[None]:
         for room in tuple(self.rooms):
             self.unsubscribe(room)
-        self._on_message = None
+        self._on_messages = None
         self._on_control = None
         self._hub.brokers.discard(self)
         return succeed(None)

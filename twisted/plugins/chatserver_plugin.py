@@ -107,6 +107,7 @@ class ChatServerMaker:
         from twisted.internet import reactor
         from twisted.logger import Logger
 
+        from chatserver.broker.redis import RedisTLSUnavailable as StartupRefused
         from chatserver.gcstats import freeze_startup_objects
         from chatserver.service import ChatServerService
         from chatserver.store import SchemaError
@@ -121,7 +122,7 @@ class ChatServerMaker:
         raise_open_files_limit()
         try:
             service = ChatServerService(options.config, reactor)
-        except SchemaError as e:
+        except (SchemaError, StartupRefused) as e:
             raise SystemExit(f"chatserver: {e}") from None
         reactor.callWhenRunning(stop_cleanly_on_signals, reactor)
         return service
