@@ -15,7 +15,6 @@ from autobahn.websocket.protocol import TrafficStats
 from chatserver.compat import FastPaths
 from chatserver.compat import autobahn as autobahn_compat
 from chatserver.compat import twisted as twisted_compat
-from chatserver.transport.outbound import DirectWrite
 from chatserver.transport.protocol import ChatProtocol
 
 
@@ -38,7 +37,7 @@ class _Lean:
         autobahn_compat.compact(self)
 
 
-class _Direct(DirectWrite):
+class _Direct(twisted_compat.DirectWrite):
     def opened(self) -> None:
         self._direct = twisted_compat.is_plain_tcp(self.transport)
         super().opened()  # type: ignore[misc]

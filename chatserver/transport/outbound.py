@@ -15,7 +15,6 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatserver.compat import twisted as twisted_compat
 from chatserver.config import Config
 
 log = Logger()
@@ -125,23 +124,3 @@ class Outbound:
         log.info("dropping {user} at {peer}: {why}", user=self.user, peer=self.peer, why=why)
         # Not a close handshake: a peer that doesn't read would never finish it.
         self.transport.abortConnection()
-
-
-class DirectWrite(Outbound):
-    """``write`` straight to the socket when Twisted holds nothing (fast path ``direct_write``)."""
-
-    _direct = False  # plain TCP: set when the connection opens
-
-    def write(self, data: bytes) -> None:
-        if not self._writable or self.state != STATE_OPEN:
-            return
-        if self._queue is None and self._paused_since is None:
-            if self._direct:
-                rest = twisted_compat.send_now(self.transport, data)
-                if rest is None:
-                    self.factory.direct_writes += 1
-                    return
-                data = rest
-            self.transport.write(data)
-            return
-        self._enqueue(data)
