@@ -85,7 +85,7 @@ class Chat:
 
     def open(self, session: Session, transport: Transport) -> None:
         """The WebSocket is open: frames may flow."""
-        session.attach(transport)
+        session.attach(transport, self._clock.seconds())
         self.users.setdefault(session.user, []).append(session)
 
     def close(self, session: Session) -> None:
@@ -94,8 +94,9 @@ class Chat:
         session.detach()
         rooms = list(session.rooms)
         session.rooms.clear()
-        for room in rooms:
-            self.registry.leave(session, room)
+        if session.transport is not None:
+            for room in rooms:
+                self.registry.leave(session.transport, room)
         if was_open:
             same_user = self.users.get(session.user)
             if same_user is not None and session in same_user:
@@ -111,12 +112,13 @@ class Chat:
         self._close(session, CLOSE_TOKEN_EXPIRED, "token expired")
 
     def _close(self, session: Session, code: int, reason: str) -> None:
-        self._delivery.release_connection(session)  # frames sent before the close go first
+        if session.transport is not None:  # frames sent before the close go first
+            self._delivery.release_connection(session.transport)
         session.close(code, reason)
 
     def _send_frame(self, session: Session, payload: bytes) -> None:
         if session.open:
-            self._delivery.to_connection(session, wire.text_frame(payload))
+            self._delivery.to_connection(session.transport, wire.text_frame(payload))
 
     # -- entry points from the transport ---------------------------------------
 
@@ -233,7 +235,7 @@ class Chat:
             elif room in session.rooms:
                 self.kicks += 1
                 del session.rooms[room]
-                self.registry.leave(session, room)
+                self.registry.leave(session.transport, room)
                 self._send_frame(
                     session, wire.encode({"type": "kicked", "room": room, "reason": reason})
                 )
@@ -292,7 +294,7 @@ class Chat:
             raise AccessDenied(f"{room} is private")
         if room not in session.rooms or not session.open:
             return None  # left (or gone) meanwhile; _joined sorts it out
-        return self.registry.join(session, room)
+        return self.registry.join(session.transport, room)
 
     def _last_id(self, room: str) -> int | None:
         hosted = self.registry.rooms.get(room)
@@ -312,7 +314,7 @@ class Chat:
             return None
         if room not in session.rooms or not session.open:
             # Left (or gone) while the join was under way.
-            self.registry.leave(session, room)
+            self.registry.leave(session.transport, room)
             if session.open:
                 self._error(
                     session, wire.NOT_MEMBER, f"left {room} before the join completed", frame.ref
@@ -330,7 +332,7 @@ class Chat:
             self._error(session, wire.NOT_MEMBER, f"not in {frame.room}", frame.ref)
             return
         del session.rooms[frame.room]
-        self.registry.leave(session, frame.room)
+        self.registry.leave(session.transport, frame.room)
         self._send_frame(session, wire.reply("left", frame.ref, room=frame.room))
 
     def _send(self, session: Session, frame: wire.Send) -> None:

@@ -8,7 +8,6 @@ and a fake clock, and a second transport would need no change here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -26,8 +25,7 @@ class Transport(Protocol):
         """Start a closing handshake with ``code``; frames written before it go first."""
 
 
-def _not_open(data: bytes) -> None:
-    """A session's writes before its WebSocket opens, or after it closed, go nowhere."""
+NO_GRANTS: frozenset[str] = frozenset()
 
 
 class Session:
@@ -38,13 +36,13 @@ class Session:
         "expiry",
         "granted",
         "open",
+        "opened_at",
         "rooms",
         "strikes",
         "tokens",
         "tokens_at",
         "transport",
         "user",
-        "write",
     )
 
     def __init__(
@@ -52,7 +50,9 @@ class Session:
     ) -> None:
         self.user = user
         self.address = address
-        self.granted = granted  # private rooms the user's token grants
+        # Private rooms the user's token grants; most grant none, and an empty
+        # frozenset is 216 bytes of its own (Python has no shared empty one).
+        self.granted = granted or NO_GRANTS
         # room -> None once joined, or the Deferred of a join still in progress.
         self.rooms: dict[str, Deferred[int] | None] = {}
         # Token bucket for the frame rate, and rate-limited frames in a row.
@@ -62,19 +62,19 @@ class Session:
         self.bad_frames = 0
         self.open = False  # the WebSocket is open: frames may be sent
         self.counted = True  # against the admission limits, until the core closes it
+        # Where its frames go (rooms' members and delivery are keyed by it); kept
+        # after the close, so leaving rooms finds it.
         self.transport: Transport | None = None
         self.expiry: IDelayedCall | None = None
-        # The transport's write itself, once open: one call per delivery.
-        self.write: Callable[[bytes], None] = _not_open
+        self.opened_at = 0.0
 
-    def attach(self, transport: Transport) -> None:
+    def attach(self, transport: Transport, now: float) -> None:
         self.transport = transport
-        self.write = transport.write
+        self.opened_at = now
         self.open = True
 
     def detach(self) -> None:
         self.open = False
-        self.write = _not_open
         if self.expiry is not None and self.expiry.active():
             self.expiry.cancel()
         self.expiry = None

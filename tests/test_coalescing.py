@@ -75,7 +75,9 @@ async def test_frames_held_for_a_connection_go_out_before_its_close(make_server)
     await client.join("room")
     (session,) = server.chat.users["alice"]
     with server.delivery.batch():
-        server.delivery.to_connection(session, wire.text_frame(wire.reply("pong", "held")))
+        server.delivery.to_connection(
+            session.transport, wire.text_frame(wire.reply("pong", "held"))
+        )
         server.chat.kick(EVERYWHERE, "alice", "banned")  # closes the connection
     assert await client.recv() == {"type": "pong", "ref": "held"}
     assert await client.wait_closed() == CLOSE_BANNED

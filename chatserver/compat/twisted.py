@@ -83,7 +83,7 @@ class DirectWrite:
     Twisted's (``_tempDataLen``, ``dataBuffer``, ``_writeDisconnected``).
     """
 
-    _direct = False  # plain TCP: set when the connection opens
+    _direct = False  # the protocol class sets it for plain TCP connections
 
     def write(self, data: bytes) -> None:
         if not self._writable or self.state != _STATE_OPEN:

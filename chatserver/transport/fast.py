@@ -38,8 +38,11 @@ class _Lean:
 
 
 class _Direct(twisted_compat.DirectWrite):
+    _direct = True  # a class default: one attribute less on every plain TCP connection
+
     def opened(self) -> None:
-        self._direct = twisted_compat.is_plain_tcp(self.transport)
+        if not twisted_compat.is_plain_tcp(self.transport):
+            self._direct = False  # TLS keeps buffers of its own
         super().opened()  # type: ignore[misc]
 
 

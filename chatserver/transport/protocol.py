@@ -35,26 +35,33 @@ def _text(reason: str | bytes | None) -> str:
 class ChatProtocol(Outbound, WebSocketServerProtocol):
     # Module-level logger: Autobahn's own ``self.log`` is a level-filtered txaio
     # logger, which a twisted Logger class attribute would replace.
+    # Set once the core admitted the handshake; kept after the close for the logs.
     session: Session | None = None
-    user = ""
-    address = ""
     gone = False  # the TCP connection is closed
     ws_open = False  # the WebSocket is open (Twisted's own `connected` means TCP)
-    opened_at = 0.0
+    ended = False  # the core was told the connection ended
     ping_due = 0.0  # when the next WebSocket ping is sent
     pong_deadline = 0.0  # when an unanswered ping counts as a dead peer; 0: none out
     handshake_channel: Any = None  # the HTTP channel whose deadline covers our handshake
+
+    @property
+    def user(self) -> str:
+        return self.session.user if self.session is not None else ""
+
+    @property
+    def address(self) -> str:
+        return self.session.address if self.session is not None else ""
 
     # -- handshake ----------------------------------------------------------
 
     def onConnect(self, request: Any) -> Deferred[str | None]:
         return Deferred.fromCoroutine(self._admit(request))
 
-    def _deny(self, status: int, reason: str, request: Any) -> ConnectionDeny:
+    def _deny(self, status: int, reason: str, address: str) -> ConnectionDeny:
         self.factory.rejected[reason] += 1
         log.info(
             "handshake from {address} refused ({status}): {reason}",
-            address=self.address or request.peer,
+            address=address,
             status=status,
             reason=reason,
         )
@@ -63,20 +70,19 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
     async def _admit(self, request: Any) -> str | None:
         factory = self.factory
         peer = self.transport.getPeer()
-        self.address = factory.proxies.client_address(
+        address = factory.proxies.client_address(
             getattr(peer, "host", ""), request.headers.get("x-forwarded-for")
         )
         if not factory.origins.allows(request.headers.get("origin")):
-            raise self._deny(403, "origin not allowed", request)
+            raise self._deny(403, "origin not allowed", address)
         try:
             identity = factory.authenticator.authenticate(request.params)
         except auth.AuthError as e:
-            raise self._deny(e.status, e.reason, request) from None
-        self.user = identity.user
+            raise self._deny(e.status, e.reason, address) from None
         try:
-            session = await factory.chat.admit(identity, self.address)
+            session = await factory.chat.admit(identity, address)
         except Refused as e:
-            raise self._deny(e.status, e.reason, request) from None
+            raise self._deny(e.status, e.reason, address) from None
         if self.gone:
             # Hung up while the core checked: its slot is free again, nothing else to undo.
             factory.chat.close(session)
@@ -89,8 +95,7 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
     def onOpen(self) -> None:
         factory = self.factory
         self.ws_open = True
-        self.opened_at = factory.clock.seconds()
-        self.ping_due = self.opened_at + factory.config.ping_interval
+        self.ping_due = factory.clock.seconds() + factory.config.ping_interval
         log.info("connection open: {user} from {address}", user=self.user, address=self.address)
         factory.connections.add(self)
         self.start_writing()
@@ -118,9 +123,9 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
         self._end_session()  # also when Autobahn skips onClose for a half-done handshake
 
     def _end_session(self) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            self.factory.chat.close(session)
+        if self.session is not None and not self.ended:
+            self.ended = True
+            self.factory.chat.close(self.session)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.stop_writing()
@@ -135,7 +140,7 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
             "connection closed: {user} from {address} after {duration:.1f}s, {code} {reason}",
             user=self.user,
             address=self.address,
-            duration=factory.clock.seconds() - self.opened_at,
+            duration=factory.clock.seconds() - self.session.opened_at,
             code=self.localCloseCode if self.closedByMe and self.localCloseCode else code,
             reason=_text(self.localCloseReason if self.closedByMe else reason),
         )
