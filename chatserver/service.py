@@ -214,6 +214,14 @@ class ChatServerService(MultiService):
         super().startService()
         self.factory.start_pings()
         self.gc_pauses.install()
+        fast = self.fast_paths
+        off = sorted(name for name in fast.names() if not fast.on(name))
+        self.log.info(
+            "fast paths: {on} of {total} on{off}",
+            on=len(list(fast.names())) - len(off),
+            total=len(list(fast.names())),
+            off=f" (off: {', '.join(off)})" if off else "",
+        )
         for listener in self.listeners:
             if listener.port is not None:
                 self.log.info(
