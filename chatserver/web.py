@@ -31,7 +31,7 @@ class DeadlineChannel(HTTPChannel):
     upgrade on to the open: ``handshake_timeout`` bounds all of it.
     """
 
-    deadline = 10.0
+    deadline = 10.0  # replaced by the site's handshake_timeout
     clock: IReactorTime
     _timer: IDelayedCall | None = None
     _raw: Any = None

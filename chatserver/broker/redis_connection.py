@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 RECONNECT_MAX_DELAY = 5.0
+# The first retry after a lost connection: soon, a Redis restart takes about this long.
+RECONNECT_FIRST_DELAY = 0.2
 
 
 @implementer(IHandshakeListener)
@@ -158,7 +160,7 @@ class BrokerFactory(txredisapi.RedisFactory):
     """
 
     maxDelay = RECONNECT_MAX_DELAY
-    initialDelay = 0.2
+    initialDelay = RECONNECT_FIRST_DELAY
 
     def __init__(self, broker: RedisBroker, role: str) -> None:
         address = broker.address
