@@ -109,6 +109,19 @@ def redis() -> Any:
 
 
 @pytest.fixture
+def redis_cluster() -> Any:
+    """A throwaway 6-node Redis Cluster (3 masters, 3 replicas) of this test's own."""
+    from servers import RedisCluster
+
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
 def own_postgres() -> Any:
     """A cluster of this test's own, for tests that stop and restart it."""
     from servers import PostgresServer

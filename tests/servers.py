@@ -10,6 +10,7 @@ Nothing is registered globally: callers (usually pytest fixtures) must call
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -23,7 +24,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,14 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return f"<no log at {path}: {exc}>"
     tail = text.splitlines()[-lines:]
     return "\n".join(tail) if tail else "<log is empty>"
+
+
+def _find_binary(name: str, *, package: str) -> str:
+    """Path of a server tool on PATH, or a RuntimeError saying which package installs it."""
+    binary = shutil.which(name)
+    if binary is None:
+        raise RuntimeError(f"{name} not found on PATH; install the Debian package '{package}'")
+    return binary
 
 
 class RedisReplyError(Exception):
@@ -255,12 +264,7 @@ class RedisServer:
         tls: bool = False,
         tls_names: tuple[str, ...] = ("localhost", "127.0.0.1"),
     ) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError(
-                "redis-server not found on PATH; install the Debian package 'redis-server'"
-            )
-        self.binary = binary
+        self.binary = _find_binary("redis-server", package="redis-server")
         self.password = password
         self.tls = tls
         self.tls_names = tls_names
@@ -455,6 +459,426 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+CLUSTER_SLOTS = 16384
+CLUSTER_SETTLE_TIMEOUT = 15.0
+CLUSTER_CREATE_TIMEOUT = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterMaster:
+    """A master and the slot ranges (inclusive ``(start, end)`` pairs) it serves."""
+
+    port: int
+    slots: tuple[tuple[int, int], ...]
+
+    def owns(self, slot: int) -> bool:
+        return any(start <= slot <= end for start, end in self.slots)
+
+
+class RedisClusterNode(RedisServer):
+    """One ``redis-server`` of a ``RedisCluster``, in its own directory.
+
+    ``nodes.conf`` lives in that directory, so ``restart()`` brings the node
+    back with its cluster identity.  The cluster bus gets a port of its own
+    (``--cluster-port``) because client port + 10000 may be taken or > 65535.
+    """
+
+    def __init__(self, *, node_timeout_ms: int, taken: set[int]) -> None:
+        super().__init__()
+        while self.port in taken:
+            self.port = free_port()
+        taken.add(self.port)
+        self.bus_port = free_port()
+        while self.bus_port in taken:
+            self.bus_port = free_port()
+        taken.add(self.bus_port)
+        self.node_timeout_ms = node_timeout_ms
+
+    def _argv(self) -> list[str]:
+        return [
+            *super()._argv(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-port",
+            str(self.bus_port),
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+            # Replicas may always take over, however long since they heard
+            # from their master: failover tests must not depend on timing.
+            "--cluster-replica-validity-factor",
+            "0",
+            # Replicas sync as soon as they connect (the default waits 5 s
+            # for more replicas to share one diskless transfer).
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+
+    def _role(self) -> list[Any] | None:
+        if not self.running:
+            return None
+        try:
+            reply = self.command("ROLE")
+        except (OSError, ConnectionError, RedisReplyError):
+            return None
+        return reply if isinstance(reply, list) else None
+
+    @property
+    def role(self) -> str | None:
+        """``"master"`` or ``"slave"`` as the node says now; None if it is down."""
+        reply = self._role()
+        return str(reply[0]) if reply else None
+
+    @property
+    def replica_of(self) -> int | None:
+        """Port of this node's master if it is a replica, else None."""
+        reply = self._role()
+        if reply and reply[0] == "slave":
+            return int(reply[2])
+        return None
+
+    @property
+    def node_id(self) -> str:
+        return str(self.command("CLUSTER", "MYID"))
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "down"
+        return f"<RedisClusterNode port {self.port} {state}>"
+
+
+class ShardSubscriber:
+    """A raw connection in subscribed mode that reads ``smessage`` pushes.
+
+    ``ssubscribe`` raises ``RedisReplyError`` (e.g. ``MOVED 1234 host:port``)
+    when the node refuses.  A read that times out leaves the stream unusable:
+    close the subscriber afterwards.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._reader = _RespReader(self._sock.makefile("rb"))
+
+    def ssubscribe(self, *channels: str) -> list[Any]:
+        """Subscribe; return the confirmations (``["ssubscribe", ch, count]`` each)."""
+        self._sock.sendall(_encode_command(["SSUBSCRIBE", *channels]))
+        return [self._reader.read() for _ in channels]
+
+    def next_push(self, timeout: float = 5.0) -> Any:
+        """The next push, e.g. ``["smessage", channel, payload]``; TimeoutError if none."""
+        self._sock.settimeout(timeout)
+        return self._reader.read()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> ShardSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RedisCluster:
+    """A throwaway Redis Cluster: 3 masters + 3 replicas on 127.0.0.1.
+
+    Tests start it, then break it (``kill_master``, ``move_slot``) and watch it
+    heal.  Everything about slots and roles is read from the cluster itself,
+    never remembered, so the answers stay right after failovers.  Waits poll
+    every node until all agree (``cluster_state:ok``, one slot map, every slot
+    served by a running master, replicas linked), with a deadline.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(self, *, node_timeout_ms: int = 1000) -> None:
+        self.binary = _find_binary("redis-server", package="redis-server")
+        self.cli = _find_binary("redis-cli", package="redis-tools")
+        self.node_timeout_ms = node_timeout_ms
+        self._nodes: list[RedisClusterNode] = []
+        self._last_map: tuple[tuple[int, int, int], ...] = ()
+        self._lost: dict[int, tuple[tuple[int, int], ...]] = {}
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[RedisClusterNode]:
+        """All nodes, running or not (each has ``port``, ``pid``, ``role``)."""
+        return list(self._nodes)
+
+    def node(self, port: int) -> RedisClusterNode:
+        for node in self._nodes:
+            if node.port == port:
+                return node
+        raise KeyError(f"no node of this cluster listens on port {port}")
+
+    def seed_urls(self) -> list[str]:
+        return [f"redis://{self.host}:{node.port}" for node in self._nodes]
+
+    def start(self) -> None:
+        """Start the nodes, join them with ``redis-cli --cluster create``, wait until ok."""
+        if self._closed:
+            raise RuntimeError("RedisCluster is closed")
+        if self._started:
+            return
+        self._started = True
+        taken: set[int] = set()
+        for _ in range(6):
+            node = RedisClusterNode(node_timeout_ms=self.node_timeout_ms, taken=taken)
+            self._nodes.append(node)
+            node.start()
+        argv = [
+            self.cli,
+            "--cluster",
+            "create",
+            *(f"{self.host}:{node.port}" for node in self._nodes),
+            "--cluster-replicas",
+            "1",
+            "--cluster-yes",
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REDISCLI_")}
+        try:
+            result = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=CLUSTER_CREATE_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(
+                f"redis-cli --cluster create timed out after {CLUSTER_CREATE_TIMEOUT:.0f}s\n"
+                f"{self._log_tails()}"
+            ) from exc
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"redis-cli --cluster create failed (exit {result.returncode})\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{self._log_tails()}"
+            )
+        self._wait_settled("the new cluster to come up")
+
+    def close(self) -> None:
+        """Kill every node and delete their directories; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for node in self._nodes:
+            node.close()
+
+    def __enter__(self) -> RedisCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading the cluster --------------------------------------------
+
+    def _running(self) -> list[RedisClusterNode]:
+        nodes = [node for node in self._nodes if node.running]
+        if not nodes:
+            raise RuntimeError("no node of the cluster is running")
+        return nodes
+
+    def _any(self) -> RedisClusterNode:
+        """A running node that answers, to ask about the cluster."""
+        errors = []
+        for node in self._running():
+            try:
+                node.command("PING")
+                return node
+            except (OSError, ConnectionError, RedisReplyError) as exc:
+                errors.append(f"{node.port}: {exc}")
+        raise RuntimeError(f"no node of the cluster answers: {errors}")
+
+    @staticmethod
+    def _slot_map(node: RedisClusterNode) -> tuple[tuple[int, int, int], ...]:
+        """``(start, end, master port)`` for every assigned range, in slot order."""
+        return tuple(
+            sorted(
+                (int(entry[0]), int(entry[1]), int(entry[2][1]))
+                for entry in node.command("CLUSTER", "SLOTS")
+            )
+        )
+
+    def masters(self) -> list[ClusterMaster]:
+        """Masters that serve slots now, with their ranges, in slot order."""
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for start, end, port in self._slot_map(self._any()):
+            ranges.setdefault(port, []).append((start, end))
+        masters = [ClusterMaster(port, tuple(slots)) for port, slots in ranges.items()]
+        return sorted(masters, key=lambda master: master.slots[0])
+
+    def keyslot(self, name: str) -> int:
+        return int(self._any().command("CLUSTER", "KEYSLOT", name))
+
+    def owner_of_slot(self, slot: int) -> int:
+        for start, end, port in self._slot_map(self._any()):
+            if start <= slot <= end:
+                return port
+        raise RuntimeError(f"slot {slot} is not assigned to any master")
+
+    def owner_of(self, channel: str) -> int:
+        """Port of the master serving ``channel``'s slot (shard channels hash like keys)."""
+        return self.owner_of_slot(self.keyslot(channel))
+
+    def command(self, port: int, *args: Any) -> Any:
+        """Run one command on the node at ``port`` (no redirects followed)."""
+        return self.node(port).command(*args)
+
+    def subscriber(self, port: int, timeout: float = 5.0) -> ShardSubscriber:
+        """A raw connection to ``port`` for SSUBSCRIBE; close it (or use ``with``)."""
+        self.node(port)
+        return ShardSubscriber(self.host, port, timeout)
+
+    # -- breaking it -----------------------------------------------------
+
+    def kill_master(self, port: int) -> None:
+        """SIGKILL a master that serves slots; its replica should take over."""
+        owned = [master for master in self.masters() if master.port == port]
+        if not owned:
+            raise ValueError(f"port {port} is not a master that serves slots")
+        self._lost[port] = owned[0].slots
+        self.node(port).kill()
+
+    def wait_for_failover(self, old_port: int, timeout: float = 10.0) -> int:
+        """Wait until another master serves the killed master's slots and all nodes
+        agree with ``cluster_state:ok``; return the new master's port."""
+        lost = self._lost.get(old_port) or tuple(
+            (start, end) for start, end, port in self._last_map if port == old_port
+        )
+        if not lost:
+            raise ValueError(f"port {old_port} served no slots when last seen")
+        if self.node(old_port).running:
+            raise ValueError(f"port {old_port} is still running; kill_master it first")
+
+        def moved(slot_map: tuple[tuple[int, int, int], ...]) -> str | None:
+            owners = {port for start, end, port in slot_map for s, e in lost if start <= s <= end}
+            if old_port in owners or len(owners) != 1:
+                return f"slots {lost} are served by {sorted(owners)}"
+            return None
+
+        self._wait_settled(f"failover from port {old_port}", timeout, moved)
+        return self.owner_of_slot(lost[0][0])
+
+    def restart_node(self, port: int, timeout: float = 10.0) -> str:
+        """(Re)start a node on its port with its nodes.conf; a master that lost its
+        slots rejoins as a replica.  Waits until the cluster agrees; returns the role."""
+        node = self.node(port)
+        node.restart()
+        self._wait_settled(f"port {port} to rejoin", timeout)
+        role = node.role
+        if role is None:
+            raise RuntimeError(f"port {port} stopped answering after it rejoined")
+        return role
+
+    def move_slot(self, slot: int, to_port: int, timeout: float = 10.0) -> None:
+        """Reshard one slot to the master at ``to_port`` (the redis-cli sequence)."""
+        from_port = self.owner_of_slot(slot)
+        if from_port == to_port:
+            return
+        source, target = self.node(from_port), self.node(to_port)
+        if target.role != "master":
+            raise ValueError(f"port {to_port} is not a master")
+        source_id, target_id = source.node_id, target.node_id
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        deadline = time.monotonic() + timeout
+        # Pub/sub keeps no keys, but move any a test left in the slot.
+        while int(source.command("CLUSTER", "COUNTKEYSINSLOT", slot)) > 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"keys of slot {slot} did not migrate within {timeout}s")
+            keys = source.command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            source.command("MIGRATE", self.host, to_port, "", 0, 5000, "KEYS", *keys)
+        target.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        source.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for node in self._running():
+            if node not in (source, target) and node.role == "master":
+                node.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+        def served(slot_map: tuple[tuple[int, int, int], ...]) -> str | None:
+            owner = [port for start, end, port in slot_map if start <= slot <= end]
+            return None if owner == [to_port] else f"slot {slot} is served by {owner}"
+
+        self._wait_settled(
+            f"slot {slot} to move to port {to_port}", max(0.0, deadline - time.monotonic()), served
+        )
+
+    # -- waiting ---------------------------------------------------------
+
+    def _problem(
+        self, check: Callable[[tuple[tuple[int, int, int], ...]], str | None] | None
+    ) -> str | None:
+        """Why the cluster is not settled yet, or None if it is."""
+        running = self._running()
+        ports = {node.port for node in running}
+        maps = set()
+        for node in running:
+            try:
+                info = node.command("CLUSTER", "INFO")
+                if "cluster_state:ok" not in info:
+                    return f"port {node.port}: cluster_state is not ok"
+                slot_map = self._slot_map(node)
+                view = node.command("CLUSTER", "NODES")
+                role = node.command("ROLE")
+            except (OSError, ConnectionError, RedisReplyError) as exc:
+                return f"port {node.port}: {exc!r}"
+            covered = sum(end - start + 1 for start, end, _ in slot_map)
+            if covered != CLUSTER_SLOTS:
+                return f"port {node.port}: {covered} slots assigned"
+            dead = {port for _, _, port in slot_map} - ports
+            if dead:
+                return f"port {node.port}: slots still assigned to stopped {sorted(dead)}"
+            for line in view.splitlines():
+                fields = line.split()
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                flags = set(fields[2].split(","))
+                if port in ports and flags & {"fail", "fail?", "handshake", "noaddr"}:
+                    return f"port {node.port} sees port {port} as {fields[2]}"
+            if role[0] == "slave" and role[3] != "connected":
+                return f"port {node.port}: replica link to {role[2]} is {role[3]}"
+            maps.add(slot_map)
+        if len(maps) != 1:
+            return f"nodes disagree on the slot map: {sorted(maps)}"
+        slot_map = maps.pop()
+        problem = check(slot_map) if check else None
+        if problem is None:
+            self._last_map = slot_map
+        return problem
+
+    def _wait_settled(
+        self,
+        what: str,
+        timeout: float = CLUSTER_SETTLE_TIMEOUT,
+        check: Callable[[tuple[tuple[int, int, int], ...]], str | None] | None = None,
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            problem = self._problem(check)
+            if problem is None:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"timed out after {timeout:.1f}s waiting for {what}: {problem}\n"
+                    f"{self._log_tails()}"
+                )
+            time.sleep(0.05)
+
+    def _log_tails(self, lines: int = 10) -> str:
+        return "\n".join(
+            f"--- node port {node.port} ({node.dir}) log tail:\n{_log_tail(node.log_file, lines)}"
+            for node in self._nodes
+        )
 
 
 def _version_key(path: Path) -> tuple[int, ...]:
