@@ -214,12 +214,12 @@ class ChatServerService(MultiService):
         super().startService()
         self.factory.start_pings()
         self.gc_pauses.install()
-        fast = self.fast_paths
-        off = sorted(name for name in fast.names() if not fast.on(name))
+        names = list(self.fast_paths.names())
+        off = sorted(name for name in names if not self.fast_paths.on(name))
         self.log.info(
             "fast paths: {on} of {total} on{off}",
-            on=len(list(fast.names())) - len(off),
-            total=len(list(fast.names())),
+            on=len(names) - len(off),
+            total=len(names),
             off=f" (off: {', '.join(off)})" if off else "",
         )
         for listener in self.listeners:

@@ -39,7 +39,6 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
     session: Session | None = None
     gone = False  # the TCP connection is closed
     ws_open = False  # the WebSocket is open (Twisted's own `connected` means TCP)
-    ended = False  # the core was told the connection ended
     ping_due = 0.0  # when the next WebSocket ping is sent
     pong_deadline = 0.0  # when an unanswered ping counts as a dead peer; 0: none out
     handshake_channel: Any = None  # the HTTP channel whose deadline covers our handshake
@@ -123,9 +122,8 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
         self._end_session()  # also when Autobahn skips onClose for a half-done handshake
 
     def _end_session(self) -> None:
-        if self.session is not None and not self.ended:
-            self.ended = True
-            self.factory.chat.close(self.session)
+        if self.session is not None:
+            self.factory.chat.close(self.session)  # idempotent: onClose, then connectionLost
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.stop_writing()
