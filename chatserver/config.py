@@ -109,6 +109,16 @@ class Config:
         " Raise it when commits wait on a slow disk or a distant database.",
     )
     redis_url: str | None = _setting(None, "redis:// or rediss:// URL; unset = in-memory broker.")
+    redis_cluster: tuple[str, ...] = _setting(
+        (),
+        "Seed node URLs of a Redis Cluster (redis:// or rediss://, comma-separated in the"
+        " environment): rooms use sharded pub/sub. Exclusive with redis_url.",
+    )
+    redis_cluster_refresh: float = _setting(
+        30.0,
+        "Seconds between slot-map refreshes from the cluster (also refreshed on MOVED, ASK"
+        " and lost connections).",
+    )
     redis_tls_ca_file: str | None = _setting(
         None, "PEM CA bundle to verify the Redis server (rediss://); unset = system CAs."
     )
@@ -136,6 +146,11 @@ class Config:
     store_batch_max: int = _setting(500, "Most messages written in one transaction.")
     gap_timeout: float = _setting(
         0.5, "Seconds to wait for a missing message id before reading it from the store."
+    )
+    workers: int = _setting(
+        1,
+        "Worker processes that all serve the listen ports (SO_REUSEPORT); 'auto' = the CPUs"
+        " this process may run on. More than 1 needs redis_url or redis_cluster, and Postgres.",
     )
     fast_paths: bool = _setting(
         True,
@@ -182,6 +197,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "redis_keepalive": (0.05, 3600),
     "redis_timeout": (0.05, 600),
     "redis_republish_max": (0, 10_000_000),
+    "redis_cluster_refresh": (0.1, 86400),
+    "workers": (1, 1024),
 }
 
 
@@ -224,6 +241,19 @@ def _validate(c: Config) -> None:
             parse_redis_url(c.redis_url)
         except RedisURLError as e:
             raise ConfigError(f"redis_url: {e}") from None
+    if c.redis_cluster:
+        _validate_cluster(c)
+    if c.workers > 1:
+        if c.redis_url is None and not c.redis_cluster:
+            raise ConfigError(
+                f"workers = {c.workers}: the workers need a broker that links them;"
+                " set redis_url or redis_cluster (or use workers = 1)"
+            )
+        if c.is_sqlite:
+            raise ConfigError(
+                f"workers = {c.workers}: SQLite belongs to one process; use Postgres"
+                " (database_url = postgresql://...) with several workers, or workers = 1"
+            )
     if (c.redis_tls_cert_file is None) != (c.redis_tls_key_file is None):
         raise ConfigError("redis_tls_cert_file and redis_tls_key_file go together")
     for name in (
@@ -235,6 +265,32 @@ def _validate(c: Config) -> None:
         path = getattr(c, name)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{name} = {path!r}: no such file")
+
+
+def _validate_cluster(c: Config) -> None:
+    from chatserver.broker.redis_url import RedisURLError, parse_redis_url
+
+    if c.redis_url is not None:
+        raise ConfigError("give redis_url or redis_cluster, not both")
+    schemes = set()
+    for url in c.redis_cluster:
+        try:
+            address = parse_redis_url(url)
+        except RedisURLError as e:
+            raise ConfigError(f"redis_cluster: {e}") from None
+        if address.db != 0:
+            raise ConfigError(f"redis_cluster: {url!r}: a cluster has only database 0")
+        schemes.add(address.tls)
+    if len(schemes) > 1:
+        raise ConfigError("redis_cluster: use rediss:// for every seed or for none")
+
+
+def cpus_available() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
@@ -250,6 +306,8 @@ def _coerce(name: str, raw: Any) -> Any:
             if not isinstance(raw, list | tuple) or not all(isinstance(p, str) for p in raw):
                 raise TypeError
             return tuple(raw)
+        if name == "workers" and isinstance(raw, str) and raw.strip().lower() == "auto":
+            return cpus_available()
         if kind == "int":
             if isinstance(raw, bool):
                 raise TypeError
