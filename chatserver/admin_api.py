@@ -4,6 +4,11 @@ Authenticated by ``Authorization: Bearer <admin_api_key>``. Every change that
 takes access away also ends it at once on every instance (over the broker's
 control channel), not at the user's next reconnect.
 
+Wrong keys are throttled per client address: after ``admin_auth_failures``
+within ``admin_auth_lockout`` seconds, every request from that address gets 429
+(with Retry-After) until the lockout ends, even one with the right key, so
+that the answer can't tell a guesser whether a guess was right.
+
     POST   /admin/rooms                      {"room", "private": bool}
     POST   /admin/rooms/ROOM/members         {"user"}
     DELETE /admin/rooms/ROOM/members/USER
@@ -16,11 +21,14 @@ control channel), not at the user's next reconnect.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
-from collections import Counter
+import math
+from collections import Counter, OrderedDict
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -29,16 +37,105 @@ from chatserver import wire
 from chatserver.chat import Chat
 from chatserver.config import Config
 from chatserver.store import EVERYWHERE, Store, StoreUnavailable
+from chatserver.transport.policies import ProxyPolicy
 
 log = Logger()
 MAX_REQUEST_BYTES = 1 << 20
+MAX_TRACKED_ADDRESSES = 10_000  # bounds the throttle's memory whatever the traffic
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self, status: int, message: str, headers: dict[bytes, bytes] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
+
+
+def throttle_key(address: str) -> str:
+    """IPv6 addresses count by /64: one host commonly holds a whole /64, and
+    would otherwise get a fresh allowance of guesses from each of its addresses."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]  # not an address: still one key, of bounded size
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class _Failures:
+    __slots__ = ("count", "locked_until", "since")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.count = 0
+        self.locked_until = 0.0
+
+
+class AuthThrottle:
+    """Wrong admin keys by client address, so that guessing is slow and shows in the log.
+
+    An LRU of at most ``max_tracked`` addresses: a flood from many addresses
+    evicts the oldest entries instead of growing without bound. A lockout is not
+    extended by the requests it refuses, so a client that keeps retrying is let
+    back in when Retry-After says.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        lockout: float,
+        clock: IReactorTime,
+        max_tracked: int = MAX_TRACKED_ADDRESSES,
+    ) -> None:
+        self.limit = limit
+        self.lockout = lockout
+        self.clock = clock
+        self.max_tracked = max_tracked
+        self._entries: OrderedDict[str, _Failures] = OrderedDict()
+        self.lockouts = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def retry_after(self, address: str) -> float:
+        """Seconds until ``address`` may try again; 0 when it is not locked out."""
+        entry = self._entries.get(address)
+        if entry is None:
+            return 0.0
+        now = self.clock.seconds()
+        if entry.locked_until > now:
+            return entry.locked_until - now
+        if entry.locked_until or now - entry.since >= self.lockout:
+            del self._entries[address]  # lockout over, or its failures too old to count
+        return 0.0
+
+    def failed(self, address: str) -> None:
+        now = self.clock.seconds()
+        entry = self._entries.get(address)
+        if entry is None or now - entry.since >= self.lockout:
+            entry = self._entries[address] = _Failures(now)
+        self._entries.move_to_end(address)
+        entry.count += 1
+        if entry.count >= self.limit:
+            entry.locked_until = now + self.lockout
+            self.lockouts += 1
+            log.warn(
+                "admin API: {address} locked out for {seconds:g}s after {count} wrong keys",
+                address=address,
+                seconds=self.lockout,
+                count=entry.count,
+            )
+        while len(self._entries) > self.max_tracked:
+            self._entries.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        self._entries.pop(address, None)
 
 
 def _name(value: Any, what: str) -> str:
@@ -50,13 +147,26 @@ def _name(value: Any, what: str) -> str:
 class AdminAPI(Resource):
     isLeaf = True
 
-    def __init__(self, config: Config, store: Store, chat: Chat) -> None:
+    def __init__(
+        self, config: Config, store: Store, chat: Chat, clock: IReactorTime | None = None
+    ) -> None:
         super().__init__()
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
         self._key = (config.admin_api_key or "").encode()
         self._max_body = config.max_body_chars
         self._store = store
         self._chat = chat
+        self._proxies = ProxyPolicy(config.trusted_proxies)
+        self.throttle = AuthThrottle(config.admin_auth_failures, config.admin_auth_lockout, clock)
         self.requests: Counter[int] = Counter()  # by status, for metrics
+        if not config.admin_listen:
+            log.warn(
+                "admin API is served at /admin on the public port(s); set admin_listen to"
+                " serve it on a private endpoint only"
+            )
 
     def render(self, request: Request) -> Any:
         Deferred.fromCoroutine(self._serve(request))
@@ -65,12 +175,13 @@ class AdminAPI(Resource):
     async def _serve(self, request: Request) -> None:
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
+        headers: dict[bytes, bytes] = {}
         try:
             self._authorize(request)
             result = await self._route(request)
             status = 200
         except HTTPError as e:
-            status, result = e.status, {"error": e.message}
+            status, result, headers = e.status, {"error": e.message}, e.headers
         except StoreUnavailable:
             status, result = 503, {"error": "storage is unavailable; try again"}
         except Exception:
@@ -84,14 +195,30 @@ class AdminAPI(Resource):
         request.setHeader(b"cache-control", b"no-store")
         if status == 401:
             request.setHeader(b"www-authenticate", b'Bearer realm="chatserver admin"')
+        for name, value in headers.items():
+            request.setHeader(name, value)
         request.write(json.dumps(result).encode() + b"\n")
         request.finish()
 
     def _authorize(self, request: Request) -> None:
+        peer = getattr(request.getClientAddress(), "host", "")
+        forwarded = request.getHeader(b"x-forwarded-for")
+        address = throttle_key(
+            self._proxies.client_address(peer, forwarded.decode("latin-1") if forwarded else None)
+        )
+        wait = self.throttle.retry_after(address)
+        if wait > 0:
+            raise HTTPError(
+                429,
+                "too many wrong admin API keys from this address; try again later",
+                {b"retry-after": str(max(1, math.ceil(wait))).encode()},
+            )
         header = request.getHeader(b"authorization") or b""
         scheme, _, key = header.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self._key):
+            self.throttle.failed(address)
             raise HTTPError(401, "missing or wrong admin API key")
+        self.throttle.succeeded(address)
 
     def _json(self, request: Request) -> dict[str, Any]:
         raw = request.content.read(MAX_REQUEST_BYTES + 1)

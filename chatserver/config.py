@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "CHATSERVER_"
+MIN_SECRET_BYTES = 32  # HS256's own key size; an API key as hard to guess
 
 
 class ConfigError(ValueError):
@@ -51,11 +52,33 @@ class Config:
         None, "PEM public key for RS256/ES256 tokens (auth = 'token'), instead of a secret."
     )
     jwt_leeway: float = _setting(30.0, "Seconds of clock skew allowed on exp and nbf.")
+    jwt_require_exp: bool = _setting(
+        True,
+        "auth = 'token': refuse tokens without exp (one without would be valid for ever,"
+        " and its connection never ended).",
+    )
+    jwt_issuer: str | None = _setting(
+        None, "auth = 'token': when set, a token's iss must equal it; unset = iss not checked."
+    )
+    jwt_audience: str | None = _setting(
+        None,
+        "auth = 'token': when set, a token's aud must be or contain it. Unset: tokens that"
+        " carry any aud are refused (they were issued for some other service).",
+    )
     admin_api_key: str | None = _setting(
         None, "Bearer key for the admin HTTP API at /admin; unset = no admin API."
     )
     admin_listen: tuple[str, ...] = _setting(
         (), "Endpoints that serve the admin API; empty = the main port serves it."
+    )
+    admin_auth_failures: int = _setting(
+        5,
+        "Wrong admin API keys one client address (IPv6: one /64) may send within"
+        " admin_auth_lockout seconds; then it gets 429, whatever the key, for"
+        " admin_auth_lockout seconds.",
+    )
+    admin_auth_lockout: float = _setting(
+        60.0, "Seconds that count wrong admin keys, and that a client address stays locked out."
     )
     allowed_origins: tuple[str, ...] = _setting(
         ("*",),
@@ -182,6 +205,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "gap_timeout": (0.001, 60),
     "redis_publishers": (1, 64),
     "jwt_leeway": (0, 3600),
+    "admin_auth_failures": (1, 1_000_000),
+    "admin_auth_lockout": (1, 86400),
     "max_connections_per_user": (1, 1_000_000),
     "max_connections_per_ip": (1, 10_000_000),
     "handshake_timeout": (0.1, 600),
@@ -213,6 +238,14 @@ def _validate(c: Config) -> None:
         raise ConfigError("auth = 'token' needs jwt_secret or jwt_public_key_file")
     if c.jwt_secret and c.jwt_public_key_file:
         raise ConfigError("give jwt_secret or jwt_public_key_file, not both")
+    for name in ("jwt_secret", "admin_api_key"):
+        secret = getattr(c, name)
+        if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+            # The length only: a secret must never reach a log.
+            raise ConfigError(
+                f"{name}: {len(secret.encode())} bytes is too short; use at least"
+                f" {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)"
+            )
     for proxy in c.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)
@@ -265,6 +298,13 @@ def _validate(c: Config) -> None:
         path = getattr(c, name)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{name} = {path!r}: no such file")
+    if c.jwt_public_key_file is not None:
+        from chatserver.auth import KeyFileError, load_public_key
+
+        try:
+            load_public_key(c.jwt_public_key_file)
+        except KeyFileError as e:
+            raise ConfigError(f"jwt_public_key_file = {c.jwt_public_key_file!r}: {e}") from None
 
 
 def _validate_cluster(c: Config) -> None:

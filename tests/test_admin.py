@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+from io import BytesIO
+
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -9,7 +13,7 @@ from twisted.internet.defer import gatherResults
 from wsclient import connect, handshake_status, http_get, http_json
 
 ensure = pytest_twisted.ensureDeferred
-KEY = "admin-key-for-tests"
+KEY = "admin-key-for-tests-at-least-32-bytes"
 
 
 async def two_instances(make_server, redis, **settings):
@@ -66,7 +70,8 @@ async def test_private_room_needs_membership_or_a_token_claim(make_server):
     await http_json(port, "POST", "/admin/rooms", {"room": "staff", "private": True}, key=KEY)
 
     def tok(sub, **claims):
-        return f"token={jwt.encode({'sub': sub, **claims}, secret, algorithm='HS256')}"
+        claims = {"sub": sub, "exp": int(time.time()) + 3600, **claims}
+        return f"token={jwt.encode(claims, secret, algorithm='HS256')}"
 
     alice = await connect(port, query=tok("alice"))
     refused = await alice.request({"type": "join", "room": "staff"})
@@ -201,3 +206,162 @@ async def test_a_ban_issued_during_a_redis_outage_reaches_the_other_instance(mak
     await back.addTimeout(30, reactor)
     assert await mallory.recv() == {"type": "kicked", "room": "r", "reason": "banned"}
     assert b.chat.kicks == 1
+
+
+# -- the admin key: where it is served, and guessing it ----------------------------
+
+
+@pytest.fixture
+def warnings():
+    from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+    seen: list[str] = []
+
+    def observe(event):
+        if event.get("log_level") == LogLevel.warn:
+            seen.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_admin_api_on_the_public_port_is_warned_about(make_server, warnings):
+    from servers import free_port
+
+    make_server(admin_api_key=KEY)
+    assert [w for w in warnings if "admin_listen" in w] != []
+    warnings.clear()
+    make_server(admin_api_key=KEY, admin_listen=(f"tcp:{free_port()}:interface=127.0.0.1",))
+    make_server()
+    assert [w for w in warnings if "admin" in w] == []
+
+
+async def admin_post(port, key=None, forwarded_for=None):
+    """POST /admin/rooms; returns (status, headers), optionally as if via a proxy."""
+    from twisted.web.client import Agent, FileBodyProducer, readBody
+    from twisted.web.http_headers import Headers
+
+    headers = Headers({b"content-type": [b"application/json"]})
+    if key is not None:
+        headers.addRawHeader(b"authorization", f"Bearer {key}".encode())
+    if forwarded_for is not None:
+        headers.addRawHeader(b"x-forwarded-for", forwarded_for.encode())
+    body = FileBodyProducer(BytesIO(json.dumps({"room": "r"}).encode()))
+    url = f"http://127.0.0.1:{port}/admin/rooms".encode()
+    response = await Agent(reactor).request(b"POST", url, headers, body).addTimeout(10, reactor)
+    await readBody(response)
+    return response.code, response.headers
+
+
+def retry_after(headers) -> str | None:
+    values = headers.getRawHeaders(b"retry-after")
+    return values[0].decode() if values else None
+
+
+def throttled_server(make_server, **settings):
+    """A server whose admin throttle runs on a Clock the test moves."""
+    from twisted.internet.task import Clock
+
+    settings.setdefault("admin_auth_failures", 3)
+    settings.setdefault("admin_auth_lockout", 60.0)
+    server = make_server(admin_api_key=KEY, **settings)
+    clock = Clock()
+    clock.advance(1000)
+    server.admin.throttle.clock = clock
+    return server, clock
+
+
+@ensure
+async def test_wrong_keys_lock_the_address_out_even_for_the_right_key(make_server, warnings):
+    server, clock = throttled_server(make_server)
+    port = server.port
+    for _ in range(3):  # the 3rd (admin_auth_failures) is still a plain 401
+        assert (await admin_post(port, key="wrong"))[0] == 401
+    assert [w for w in warnings if "locked out" in w] != []
+    status, headers = await admin_post(port, key="wrong")
+    assert (status, retry_after(headers)) == (429, "60")
+    # While locked out, the right key is refused too: no answer tells a guess was right.
+    status, headers = await admin_post(port, key=KEY)
+    assert (status, retry_after(headers)) == (429, "60")
+    assert (await admin_post(port))[0] == 429
+    clock.advance(59.5)
+    status, headers = await admin_post(port, key=KEY)
+    assert (status, retry_after(headers)) == (429, "1")
+    clock.advance(0.5)
+    assert (await admin_post(port, key=KEY))[0] == 200
+    # Refused requests did not extend the lockout, and the count starts again.
+    assert (await admin_post(port, key="wrong"))[0] == 401
+    assert server.admin.requests[429] == 4
+
+
+@ensure
+async def test_wrong_keys_count_within_the_lockout_window(make_server):
+    server, clock = throttled_server(make_server)
+    for _ in range(2):
+        assert (await admin_post(server.port, key="wrong"))[0] == 401
+    clock.advance(60)  # those two are forgotten
+    for _ in range(3):
+        assert (await admin_post(server.port, key="wrong"))[0] == 401
+    assert (await admin_post(server.port, key="wrong"))[0] == 429
+
+
+@ensure
+async def test_the_right_key_clears_earlier_wrong_ones(make_server):
+    server, _ = throttled_server(make_server)
+    for _ in range(2):
+        assert (await admin_post(server.port, key="wrong"))[0] == 401
+    assert (await admin_post(server.port, key=KEY))[0] == 200
+    for _ in range(3):
+        assert (await admin_post(server.port, key="wrong"))[0] == 401
+    assert (await admin_post(server.port, key="wrong"))[0] == 429
+
+
+@ensure
+async def test_the_lockout_is_per_client_address(make_server):
+    server, _ = throttled_server(make_server, trusted_proxies=("127.0.0.1",))
+    port = server.port
+    for _ in range(3):
+        assert (await admin_post(port, key="wrong", forwarded_for="203.0.113.5"))[0] == 401
+    assert (await admin_post(port, key=KEY, forwarded_for="203.0.113.5"))[0] == 429
+    assert (await admin_post(port, key=KEY, forwarded_for="203.0.113.6"))[0] == 200
+    assert (await admin_post(port, key=KEY))[0] == 200  # the proxy itself
+    # IPv6 by /64: a host can't get fresh guesses from each of its addresses.
+    for host in ("2001:db8::1", "2001:db8::2", "2001:db8::3"):
+        assert (await admin_post(port, key="wrong", forwarded_for=host))[0] == 401
+    assert (await admin_post(port, key=KEY, forwarded_for="2001:db8::ffff"))[0] == 429
+    assert (await admin_post(port, key=KEY, forwarded_for="2001:db8:0:1::1"))[0] == 200
+
+
+@ensure
+async def test_x_forwarded_for_from_an_untrusted_peer_does_not_dodge_the_lockout(make_server):
+    server, _ = throttled_server(make_server)
+    for n in range(3):
+        status, _ = await admin_post(server.port, key="wrong", forwarded_for=f"203.0.113.{n}")
+        assert status == 401
+    assert (await admin_post(server.port, key=KEY, forwarded_for="203.0.113.99"))[0] == 429
+
+
+def test_the_throttle_tracks_a_bounded_number_of_addresses():
+    from twisted.internet.task import Clock
+
+    from chatserver.admin_api import AuthThrottle
+
+    throttle = AuthThrottle(limit=3, lockout=60, clock=Clock(), max_tracked=100)
+    for n in range(1000):
+        throttle.failed(f"10.0.{n // 256}.{n % 256}")
+        assert len(throttle) <= 100
+    for _ in range(2):
+        throttle.failed("10.0.3.231")  # the newest: kept, now locked out
+    assert throttle.retry_after("10.0.3.231") == 60
+    assert throttle.retry_after("10.0.0.0") == 0  # the oldest went first
+
+
+def test_throttle_keys():
+    from chatserver.admin_api import throttle_key
+
+    assert throttle_key("203.0.113.5") == "203.0.113.5"
+    assert throttle_key("::ffff:203.0.113.5") == "203.0.113.5"
+    assert throttle_key("2001:db8::1") == throttle_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert throttle_key("2001:db8:0:1::1") == "2001:db8:0:1::/64"
+    assert throttle_key("unix") == "unix"

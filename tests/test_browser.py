@@ -11,6 +11,7 @@ installs them).
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +256,7 @@ async def test_page_and_terminal_client_chat(server, browsers):
 @ensure
 async def test_token_from_the_url_fragment(make_server, browsers):
     server = make_server(auth="token", jwt_secret=SECRET)
-    token = jwt.encode({"sub": "tina"}, SECRET, algorithm="HS256")
+    token = jwt.encode({"sub": "tina", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
     page = await open_page(browsers, server.port, token=token)
     await page.join("t")
     await page.say("signed by token")

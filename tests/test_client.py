@@ -6,6 +6,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 
 import jwt
 import pytest
@@ -479,10 +480,14 @@ async def test_send_mode_reports_an_error_frame_and_exits_1(make_server):
 @ensure
 async def test_token_mode_and_a_refused_token(make_server):
     server = make_server(auth="token", jwt_secret=SECRET)
-    good = jwt.encode({"sub": "tina"}, SECRET, algorithm="HS256")
+    good = jwt.encode({"sub": "tina", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
     proc = spawn_client(url(server.port), "--token", good, "--room", "r", "--send", "by token")
     assert await proc.wait_ended() == 0, proc.transcript()
-    forged = jwt.encode({"sub": "tina"}, "another-secret-that-is-long-enough-for-it", "HS256")
+    forged = jwt.encode(
+        {"sub": "tina", "exp": int(time.time()) + 3600},
+        "another-secret-that-is-long-enough-for-it",
+        "HS256",
+    )
     proc = spawn_client(url(server.port), "--token", forged, "--room", "r", "--send", "no")
     assert await proc.wait_ended() == 1
     assert any("handshake refused: 401" in line for line in proc.errors), proc.transcript()
