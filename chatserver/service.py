@@ -3,10 +3,20 @@
 Start order: broker, then listeners. Stop order is the reverse, with the
 connections closed (1001) in between, then the store flushes what is queued
 and closes its pool. Nothing that is acked is lost on a clean stop.
+
+As one of several worker processes (``chatserver.workers``) the same service
+is given how to make its endpoints (ports shared with the other workers) and
+a view of the whole server that answers /healthz, /readyz and /metrics for
+all workers; alone, it answers for itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
@@ -30,19 +40,23 @@ from chatserver.compat import FastPaths
 from chatserver.config import Config
 from chatserver.delivery import Delivery
 from chatserver.gcstats import GCPauses
-from chatserver.metrics import MetricsResource
+from chatserver.metrics import MetricsResource, ServerCollector
 from chatserver.rooms import RoomRegistry
 from chatserver.store.open import open_store, prepare
 from chatserver.transport import CLOSE_GOING_AWAY
 from chatserver.transport.factory import ChatFactory
 from chatserver.web import (
     AsyncJSONResource,
+    AsyncTextResource,
     ChatSite,
     JSONResource,
     Root,
     StaticPage,
     UpgradeResource,
 )
+
+if TYPE_CHECKING:
+    from chatserver.workers.whole import WholeServer
 
 CLOSE_TIMEOUT = 5.0
 READY_TIMEOUT = 2.0
@@ -100,9 +114,15 @@ class ChatServerService(MultiService):
         reactor: IReactorTime,
         hub: MemoryHub | None = None,
         clock: IReactorTime | None = None,
+        endpoint: Callable[[str], IStreamServerEndpoint] | None = None,
+        whole: Callable[[ChatServerService], WholeServer] | None = None,
     ) -> None:
         """``clock`` times the connections (handshake deadlines, pings, send-buffer
-        grace, token expiry); tests pass a ``task.Clock``. Default: the reactor."""
+        grace, token expiry); tests pass a ``task.Clock``. Default: the reactor.
+
+        A worker passes ``endpoint`` (an endpoint string to an endpoint whose
+        port the other workers share) and ``whole`` (builds the view that answers
+        the health, readiness and metrics resources for the whole server)."""
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -123,14 +143,29 @@ class ChatServerService(MultiService):
         )
         self.chat = Chat(config, self.store, self.registry, self.broker, self.delivery, clock)
         self.factory = ChatFactory(config, clock, self.chat, self.fast_paths)
+        self._metrics_registry = CollectorRegistry(auto_describe=False)
+        self._metrics_registry.register(ServerCollector(self))
+        self.whole = whole(self) if whole is not None else None
+        healthz: Resource
+        metrics: Resource
+        if self.whole is None:
+            healthz = JSONResource(self.health)
+            readyz = AsyncJSONResource(self.readiness)
+            metrics = MetricsResource(self)
+        else:
+            answered_by = {b"x-chatserver-worker": str(self.whole.index).encode()}
+            healthz = AsyncJSONResource(self.whole.health)
+            readyz = AsyncJSONResource(self.whole.readiness)
+            metrics = AsyncTextResource(
+                self.whole.metrics, CONTENT_TYPE_LATEST.encode(), answered_by
+            )
         children: dict[bytes, Resource] = {
             b"ws": UpgradeResource(self.factory),
-            b"healthz": JSONResource(self.health),
-            b"readyz": AsyncJSONResource(self.readiness),
+            b"healthz": healthz,
+            b"readyz": readyz,
             b"app.js": StaticPage("app.js", b"text/javascript; charset=utf-8"),
             b"app.css": StaticPage("app.css", b"text/css; charset=utf-8"),
         }
-        metrics = MetricsResource(self)
         side_sites: list[tuple[str, Site]] = []
         if config.metrics_listen:
             metrics_site = _site(Root({b"metrics": metrics}, None), clock, config)
@@ -147,16 +182,21 @@ class ChatServerService(MultiService):
         self.site = _site(
             Root(children, StaticPage("index.html", b"text/html; charset=utf-8")), clock, config
         )
+        make_endpoint = endpoint or (lambda desc: parse_endpoint(reactor, desc))
         self.listeners = [
-            ListenService(desc, parse_endpoint(reactor, desc), self.site) for desc in config.listen
+            ListenService(desc, make_endpoint(desc), self.site) for desc in config.listen
         ]
         self.side_listeners = [
-            ListenService(desc, parse_endpoint(reactor, desc), site) for desc, site in side_sites
+            ListenService(desc, make_endpoint(desc), site) for desc, site in side_sites
         ]
         for listener in self.listeners + self.side_listeners:
             listener.setServiceParent(self)
 
     def _make_broker(self, hub: MemoryHub | None) -> Broker:
+        if self.config.redis_cluster:
+            from chatserver.broker.cluster import RedisClusterBroker
+
+            return RedisClusterBroker(self.config, self.reactor, self.fast_paths)
         if self.config.redis_url is None:
             return MemoryBroker(hub or MemoryHub(self.reactor))
         from chatserver.broker.redis import RedisBroker
@@ -175,6 +215,10 @@ class ChatServerService(MultiService):
             "rooms": len(self.registry.rooms),
             "store_queue": self.store.queue_depth(),
         }
+
+    def metrics_text(self) -> bytes:
+        """This process's own metrics in the Prometheus text format."""
+        return generate_latest(self._metrics_registry)
 
     async def readiness(self) -> tuple[int, dict[str, object]]:
         """For load balancers: serving, and both backends answer."""

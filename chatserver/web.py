@@ -160,8 +160,35 @@ class JSONResource(Resource):
         return json.dumps(body).encode() + b"\n"
 
 
+def _respond_later(
+    request: Request, produce: Callable[[], Awaitable[tuple[int, dict[bytes, bytes], bytes]]]
+) -> int:
+    """Answer once ``produce`` has: a 500 if it fails, nothing if the client left."""
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    async def respond() -> None:
+        try:
+            code, headers, body = await produce()
+        except Exception:
+            log.failure("answering {path}", path=request.path.decode(errors="replace"))
+            code, headers, body = 500, {b"content-type": b"text/plain"}, b"internal error\n"
+        if gone:
+            return
+        request.setResponseCode(code)
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        request.setHeader(b"cache-control", b"no-store")
+        request.write(body)
+        request.finish()
+
+    Deferred.fromCoroutine(respond())
+    return NOT_DONE_YET
+
+
 class AsyncJSONResource(Resource):
-    """Like JSONResource, for a status that needs I/O (readiness asks the database)."""
+    """Like JSONResource, for a status that needs I/O (readiness asks the database;
+    a worker asks the other workers)."""
 
     isLeaf = True
 
@@ -170,16 +197,33 @@ class AsyncJSONResource(Resource):
         self._status = status
 
     def render_GET(self, request: Request) -> int:
-        async def respond() -> None:
+        async def produce() -> tuple[int, dict[bytes, bytes], bytes]:
             code, body = await self._status()
-            request.setResponseCode(code)
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"cache-control", b"no-store")
-            request.write(json.dumps(body).encode() + b"\n")
-            request.finish()
+            return code, {b"content-type": b"application/json"}, json.dumps(body).encode() + b"\n"
 
-        Deferred.fromCoroutine(respond())
-        return NOT_DONE_YET
+        return _respond_later(request, produce)
+
+
+class AsyncTextResource(Resource):
+    """A 200 whose body needs I/O: a worker's /metrics gathers every worker's."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        body: Callable[[], Awaitable[bytes]],
+        content_type: bytes,
+        headers: dict[bytes, bytes] | None = None,
+    ) -> None:
+        super().__init__()
+        self._body = body
+        self._headers = {b"content-type": content_type, **(headers or {})}
+
+    def render_GET(self, request: Request) -> int:
+        async def produce() -> tuple[int, dict[bytes, bytes], bytes]:
+            return 200, self._headers, await self._body()
+
+        return _respond_later(request, produce)
 
 
 class StaticPage(Resource):

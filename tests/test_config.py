@@ -78,7 +78,60 @@ def test_example_file_documents_every_setting():
     lines = [ln.removeprefix("# ") for ln in example.splitlines() if not ln.startswith("##")]
     values = tomllib.loads("\n".join(ln for ln in lines if " = " in ln))
     skip = {"jwt_secret", "auth"} | {k for k in values if k.endswith("_file")}
-    load(None, {}, {k: v for k, v in values.items() if k not in skip})
+    # Alternatives the example shows side by side: each is loaded on its own.
+    exclusive = {"redis_url", "redis_cluster"}
+    for chosen in exclusive:
+        left_out = skip | (exclusive - {chosen})
+        load(None, {}, {k: v for k, v in values.items() if k not in left_out})
+
+
+POSTGRES = "postgresql://chat@db/chat"
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"workers": 2}, "set redis_url or redis_cluster"),
+        ({"workers": 2, "database_url": POSTGRES}, "set redis_url or redis_cluster"),
+        ({"workers": 2, "redis_url": REDIS}, "SQLite belongs to one process"),
+        ({"workers": 0, "redis_url": REDIS, "database_url": POSTGRES}, "workers = 0"),
+        ({"workers": 1025, "redis_url": REDIS, "database_url": POSTGRES}, "workers = 1025"),
+    ],
+    ids=["no broker", "postgres, no broker", "sqlite", "zero", "too many"],
+)
+def test_workers_need_a_broker_and_postgres(settings, named):
+    with pytest.raises(ConfigError, match=named):
+        Config(**settings)
+
+
+def test_several_workers_with_a_broker_and_postgres_are_fine():
+    assert Config(workers=4, redis_url=REDIS, database_url=POSTGRES).workers == 4
+    cluster = ("redis://127.0.0.1:7000",)
+    assert Config(workers=2, redis_cluster=cluster, database_url=POSTGRES).workers == 2
+    assert Config().workers == 1
+
+
+def test_workers_auto_is_the_cpus_in_this_process_affinity_mask(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    broker = {"redis_url": REDIS, "database_url": POSTGRES}
+    assert load(None, {}, {**broker, "workers": "auto"}).workers == 3
+    env = {"CHATSERVER_WORKERS": " Auto ", "CHATSERVER_REDIS_URL": REDIS}
+    assert load(None, env, {"database_url": POSTGRES}).workers == 3
+    f = tmp_path / "c.toml"
+    f.write_text(f'workers = "auto"\nredis_url = "{REDIS}"\ndatabase_url = "{POSTGRES}"\n')
+    assert load(str(f), {}, {}).workers == 3
+    with pytest.raises(ConfigError, match="workers"):
+        load(None, {"CHATSERVER_WORKERS": "many"}, broker)
+
+
+def test_workers_auto_on_one_cpu_needs_no_broker(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert load(None, {"CHATSERVER_WORKERS": "auto"}, {}).workers == 1
 
 
 def test_readme_names_every_setting():

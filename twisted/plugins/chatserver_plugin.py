@@ -1,11 +1,17 @@
-"""twistd plugin: ``twistd -n chatserver``. Heavy imports wait for makeService."""
+"""twistd plugin: ``twistd -n chatserver``. Heavy imports wait for makeService.
+
+With ``workers = 1`` the twistd process is the server. With more, it is the
+supervisor of that many worker processes serving the same ports
+(``chatserver.workers``); endpoints that cannot be shared are refused here,
+before anything starts.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from twisted.application.service import IServiceMaker, MultiService
+from twisted.application.service import IService, IServiceMaker
 from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
@@ -56,45 +62,25 @@ class Options(usage.Options):
                     parse_endpoint(reactor, description)
                 except Exception as e:
                     raise ConfigError(f"listen = {description!r}: {e}") from None
+            if self.config.workers > 1:
+                from chatserver.workers.listen import NotShareable, check_shareable
+
+                for setting, description in endpoint_settings(self.config):
+                    try:
+                        check_shareable(setting, description)
+                    except NotShareable as e:
+                        raise ConfigError(str(e)) from None
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
-def raise_open_files_limit() -> None:
-    """Each WebSocket is a file descriptor, and the usual soft limit is 1024.
-
-    Raise the soft limit to the hard one (always allowed); a hard limit below
-    what a deployment needs is the operator's to raise (systemd: LimitNOFILE).
-    """
-    import resource
-
-    from twisted.logger import Logger
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return
-    Logger().info(
-        "open files limit: {limit} (about that many connections)",
-        limit="unlimited" if hard == resource.RLIM_INFINITY else hard,
-    )
-
-
-def stop_cleanly_on_signals(reactor: Any) -> None:
-    """SIGTERM and SIGINT stop the reactor like Twisted's own handlers (the service
-    drains its clients), but are not re-raised when twistd exits: a server that
-    drained has done its job and exits 0, which is what systemd and container
-    runtimes expect from a clean stop. Runs after the reactor installed its
-    handlers, and replaces them."""
-    import signal
-
-    def stop(number: int, frame: Any) -> None:
-        reactor.callFromThread(reactor.stop)
-
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, stop)
+def endpoint_settings(config: Any) -> list[tuple[str, str]]:
+    """Every (setting, endpoint string) the server listens on."""
+    return [
+        (setting, description)
+        for setting in ("listen", "metrics_listen", "admin_listen")
+        for description in getattr(config, setting)
+    ]
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -103,14 +89,19 @@ class ChatServerMaker:
     description = "Real-time chat server (WebSocket, Redis fan-out, SQL storage)."
     options = Options
 
-    def makeService(self, options: Options) -> MultiService:
+    def makeService(self, options: Options) -> IService:
         from twisted.internet import reactor
+
+        if options.config.workers > 1:
+            return self._supervisor(options, reactor)
+
         from twisted.logger import Logger
 
         from chatserver.broker.redis import RedisTLSUnavailable as StartupRefused
         from chatserver.gcstats import freeze_startup_objects
         from chatserver.service import ChatServerService
         from chatserver.store import SchemaError
+        from chatserver.workers.process import raise_open_files_limit, stop_cleanly_on_signals
 
         def freeze() -> None:
             frozen = freeze_startup_objects()
@@ -126,6 +117,30 @@ class ChatServerMaker:
             raise SystemExit(f"chatserver: {e}") from None
         reactor.callWhenRunning(stop_cleanly_on_signals, reactor)
         return service
+
+    def _supervisor(self, options: Options, reactor: Any) -> IService:
+        """The parent of the workers. It reserves the ports and runs the same
+        blocking schema check as a single server (one connection, closed at
+        once), so a port that is taken or a database that is missing stops the
+        start with a one-line message instead of every worker failing in a
+        restart loop."""
+        from chatserver.store import SchemaError
+        from chatserver.store.open import prepare
+        from chatserver.workers.listen import reserve
+        from chatserver.workers.process import stop_cleanly_on_signals
+        from chatserver.workers.supervisor import Supervisor
+
+        config = options.config
+        reservation = reserve(
+            reactor, endpoint_settings(config), lambda message: SystemExit(f"chatserver: {message}")
+        )
+        try:
+            prepare(config)
+        except SchemaError as e:
+            reservation.close()
+            raise SystemExit(f"chatserver: {e}") from None
+        reactor.callWhenRunning(stop_cleanly_on_signals, reactor)
+        return Supervisor(config, reactor, reservation)
 
 
 serviceMaker = ChatServerMaker()
