@@ -11,6 +11,7 @@ from collections import Counter
 from chatserver.config import Config
 from chatserver.store import Store, StoreUnavailable
 
+HTTP_UNAUTHORIZED = 401
 HTTP_FORBIDDEN = 403
 HTTP_TOO_MANY = 429
 HTTP_UNAVAILABLE = 503

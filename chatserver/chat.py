@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatserver import wire
-from chatserver.admission import Admission
+from chatserver.admission import HTTP_FORBIDDEN, HTTP_UNAUTHORIZED, Admission, Refused
 from chatserver.auth import Identity
 from chatserver.broker import Broker
 from chatserver.config import Config
@@ -58,7 +58,9 @@ class Chat:
         self._clock = clock
         self.registry = registry
         self.admission = Admission(config, store)
-        self.users: dict[str, list[Session]] = {}  # open sessions; a list: most users have one
+        # Sessions from the start of their handshake's ban check until the connection
+        # ends, so that no ban misses one; a list: most users have one.
+        self.users: dict[str, list[Session]] = {}
         self.errors: Counter[str] = Counter()
         self.frames = 0
         self.sends = 0
@@ -69,8 +71,12 @@ class Chat:
     # -- sessions: admitted at the handshake, open with the WebSocket ------------
 
     async def admit(self, identity: Identity, address: str) -> Session:
-        """A session for a handshake, or ``admission.Refused``. End it with ``close``."""
-        await self.admission.admit(identity.user, address)
+        """A session for a handshake, or ``admission.Refused``. End it with ``close``.
+
+        The session is registered before the store is asked about bans: a ban
+        stored after that read is applied to it by its kick (stored first, then
+        published), so none falls between the check and the connection's opening.
+        """
         session = Session(
             identity.user,
             address,
@@ -78,43 +84,69 @@ class Chat:
             float(self._config.rate_burst),
             self._clock.seconds(),
         )
+        self._register(session)
+        try:
+            await self.admission.admit(identity.user, address)
+        except BaseException:
+            session.counted = False  # admission counted nothing
+            self._unregister(session)
+            raise
+        if session.closing is not None:  # banned while the store was asked
+            code, reason = session.closing
+            self.close(session)
+            if code == CLOSE_TOKEN_EXPIRED:
+                raise Refused(HTTP_UNAUTHORIZED, reason)
+            raise Refused(HTTP_FORBIDDEN, "user is banned" if code == CLOSE_BANNED else reason)
         if identity.expires is not None:
             delay = max(0.0, identity.expires - self._clock.seconds())
             session.expiry = self._clock.callLater(delay, self._expired, session)
         return session
 
     def open(self, session: Session, transport: Transport) -> None:
-        """The WebSocket is open: frames may flow."""
+        """The WebSocket is open: frames may flow, unless it was closed meanwhile."""
         session.attach(transport, self._clock.seconds())
+        if session.closing is not None:
+            transport.close(*session.closing)
+
+    def _register(self, session: Session) -> None:
         self.users.setdefault(session.user, []).append(session)
+
+    def _unregister(self, session: Session) -> None:
+        same_user = self.users.get(session.user)
+        if same_user is not None and session in same_user:
+            same_user.remove(session)
+            if not same_user:
+                del self.users[session.user]
 
     def close(self, session: Session) -> None:
         """The connection ended (or its handshake failed): leave every room, uncount it."""
-        was_open = session.open
         session.detach()
         rooms = list(session.rooms)
         session.rooms.clear()
         if session.transport is not None:
             for room in rooms:
                 self.registry.leave(session.transport, room)
-        if was_open:
-            same_user = self.users.get(session.user)
-            if same_user is not None and session in same_user:
-                same_user.remove(session)
-                if not same_user:
-                    del self.users[session.user]
+        self._unregister(session)
         if session.counted:
             session.counted = False
             self.admission.release(session.user, session.address)
+
+    def disconnect(self, session: Session, code: int, reason: str) -> None:
+        """Close for a reason of the server's own (shutting down), as the core closes:
+        its held frames first, and nothing the client sends after it counts."""
+        self._close(session, code, reason)
 
     def _expired(self, session: Session) -> None:
         session.expiry = None
         self._close(session, CLOSE_TOKEN_EXPIRED, "token expired")
 
-    def _close(self, session: Session, code: int, reason: str) -> None:
+    def _close(self, session: Session, code: int, reason: str) -> bool:
+        """Close ``session`` with ``code``; False if it was already closing."""
+        if session.closing is not None:
+            return False
         if session.transport is not None:  # frames sent before the close go first
             self._delivery.release_connection(session.transport)
-        session.close(code, reason)
+        return session.close(code, reason)
 
     def _send_frame(self, session: Session, payload: bytes) -> None:
         if session.open:
@@ -135,21 +167,50 @@ class Chat:
             return True
         return False
 
-    def _rate_limited(self, session: Session, payload: bytes) -> None:
+    def _rate_limited(self, session: Session, payload: bytes | None) -> None:
         session.strikes += 1
         ref = None
-        try:
-            obj = wire.decode_json(payload)
-            if isinstance(obj, dict) and isinstance(obj.get("ref"), str | int):
-                ref = obj["ref"] if not isinstance(obj["ref"], bool) else None
-        except (ValueError, UnicodeDecodeError):
-            pass
+        if payload is not None:
+            try:
+                obj = wire.decode_json(payload)
+                if isinstance(obj, dict) and isinstance(obj.get("ref"), str | int):
+                    ref = obj["ref"] if not isinstance(obj["ref"], bool) else None
+            except (ValueError, UnicodeDecodeError):
+                pass
         self._error(session, wire.RATE_LIMITED, "too many frames; slow down", ref)
         if session.strikes >= self._config.rate_limit_strikes:
-            self.policy_closes += 1
-            self._close(session, CLOSE_POLICY, "rate limit exceeded")
+            self._policy_close(session, "rate limit exceeded")
+
+    def _policy_close(self, session: Session, reason: str) -> None:
+        if self._close(session, CLOSE_POLICY, reason):
+            self.policy_closes += 1  # connections, not the frames that follow
+
+    def allow_frame(self, session: Session) -> bool:
+        """A frame that is not a whole message: a ping, a pong, or a message's
+        fragment after its first (the message itself is charged in ``handle``).
+
+        Each costs a token like a message, or a flood of them would cost CPU
+        and output without limit; False: ignore it.
+        """
+        if not session.open:
+            self._after_close(session)
+            return False
+        self.frames += 1
+        if self._rate_ok(session):
+            return True
+        self._rate_limited(session, None)
+        return False
+
+    def _after_close(self, session: Session) -> None:
+        """A frame after the close decision: nothing counts. Frames in flight are
+        normal; one past the client's rate means it is not winding down."""
+        if session.transport is not None and not self._rate_ok(session):
+            session.transport.stop_reading()
 
     def handle(self, session: Session, payload: bytes, is_binary: bool) -> None:
+        if not session.open:
+            self._after_close(session)
+            return
         self.frames += 1
         if not self._rate_ok(session):
             self._rate_limited(session, payload)
@@ -161,8 +222,7 @@ class Chat:
             if e.code in (wire.BAD_FRAME, wire.BAD_REQUEST):
                 session.bad_frames += 1
                 if session.bad_frames >= self._config.max_bad_frames:
-                    self.policy_closes += 1
-                    self._close(session, CLOSE_POLICY, "too many invalid frames")
+                    self._policy_close(session, "too many invalid frames")
             return
         if isinstance(frame, wire.Send):
             self._membership(session, frame.room, frame.ref, self._send, frame)
@@ -230,9 +290,10 @@ class Chat:
     def _apply_kick(self, room: str, user: str, reason: str) -> None:
         for session in list(self.users.get(user, ())):
             if room == EVERYWHERE:
-                self.kicks += 1
-                self._close(session, CLOSE_BANNED, reason)
-            elif room in session.rooms:
+                # Also a session still in its handshake: it is refused, or closed on opening.
+                if self._close(session, CLOSE_BANNED, reason):
+                    self.kicks += 1
+            elif session.open and room in session.rooms:
                 self.kicks += 1
                 del session.rooms[room]
                 self.registry.leave(session.transport, room)
@@ -257,9 +318,11 @@ class Chat:
             return
 
         def joined(result: Any) -> Any:
-            if session.rooms.get(room, False) is None:
+            if not session.open:
+                pass  # closing: not even what it sent before
+            elif session.rooms.get(room, False) is None:
                 action(session, frame)
-            elif session.open:
+            else:
                 self._error(session, wire.NOT_MEMBER, f"join {room} did not complete", ref)
             return result
 

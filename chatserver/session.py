@@ -24,6 +24,11 @@ class Transport(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Start a closing handshake with ``code``; frames written before it go first."""
 
+    def stop_reading(self) -> None:
+        """Read nothing more from the client, which keeps sending after the close: parsing
+        a flood costs CPU even when all of it is ignored. The close handshake's
+        timeout then ends the connection."""
+
 
 NO_GRANTS: frozenset[str] = frozenset()
 
@@ -32,6 +37,7 @@ class Session:
     __slots__ = (
         "address",
         "bad_frames",
+        "closing",
         "counted",
         "expiry",
         "granted",
@@ -60,7 +66,11 @@ class Session:
         self.tokens_at = now
         self.strikes = 0
         self.bad_frames = 0
-        self.open = False  # the WebSocket is open: frames may be sent
+        # The WebSocket is open and the core has not decided to close it: frames
+        # flow both ways. False again from that decision on, not from the TCP close.
+        self.open = False
+        # (code, reason) once the core decided to close it, before or after it opened.
+        self.closing: tuple[int, str] | None = None
         self.counted = True  # against the admission limits, until the core closes it
         # Where its frames go (rooms' members and delivery are keyed by it); kept
         # after the close, so leaving rooms finds it.
@@ -71,7 +81,7 @@ class Session:
     def attach(self, transport: Transport, now: float) -> None:
         self.transport = transport
         self.opened_at = now
-        self.open = True
+        self.open = self.closing is None
 
     def detach(self) -> None:
         self.open = False
@@ -79,9 +89,19 @@ class Session:
             self.expiry.cancel()
         self.expiry = None
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str) -> bool:
+        """Decide to close: True the first time only, so a close is counted once.
+
+        Decided before the WebSocket opened, it is remembered: the handshake is
+        refused, or the connection closed as soon as it opens.
+        """
+        if self.closing is not None:
+            return False
+        self.closing = (code, reason)
         if self.open and self.transport is not None:
+            self.open = False
             self.transport.close(code, reason)
+        return True
 
     def __repr__(self) -> str:
         return f"<Session {self.user}@{self.address} rooms={len(self.rooms)}>"

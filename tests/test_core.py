@@ -34,6 +34,7 @@ class FakeTransport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.closed: tuple[int, str] | None = None
+        self.reading = True
 
     def write(self, data: bytes) -> None:
         assert self.closed is None, "a frame after the close"
@@ -41,6 +42,10 @@ class FakeTransport:
 
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
+
+    def stop_reading(self) -> None:
+        assert self.closed is not None, "stopped reading an open connection"
+        self.reading = False
 
     @property
     def frames(self) -> list[dict]:
@@ -266,3 +271,133 @@ def test_frames_to_a_closed_session_go_nowhere():
     core.store.commit()  # the ack finds the session closed
     assert a.kinds() == ["joined"]
     assert wire.SUBPROTOCOL == "chat.v1"
+
+
+# -- closing: decided once, and nothing counts after it ------------------------------
+
+
+def test_nothing_a_session_sends_counts_once_the_core_closed_it():
+    core = Core(max_bad_frames=2)
+    alice, a = core.connect("alice")
+    bob, b = core.connect("bob")
+    for s in (alice, bob):
+        core.frame(s, type="join", room="r")
+    core.chat.handle(alice, b"not json", False)
+    core.chat.handle(alice, b"not json", False)
+    assert a.closed == (CLOSE_POLICY, "too many invalid frames")
+    for _ in range(5):
+        core.frame(alice, type="send", room="r", body="late")
+        core.chat.handle(alice, b"not json", False)
+        assert not core.chat.allow_frame(alice)  # a ping, a pong or a fragment
+    core.store.commit()
+    assert core.store.pending == [] and core.store.last == {}
+    assert "late" not in [f.get("body") for f in b.frames]
+    assert core.chat.policy_closes == 1
+    assert core.chat.errors["bad_frame"] == 2
+    core.chat.kick(EVERYWHERE, "alice", "banned")  # already closing: not closed or counted again
+    assert a.closed == (CLOSE_POLICY, "too many invalid frames") and core.chat.kicks == 0
+
+
+def test_a_send_waiting_for_its_join_is_dropped_if_the_session_is_closed_meanwhile():
+    core = Core()
+    alice, _ = core.connect("alice")
+    access: Deferred = Deferred()
+    core.store.access = lambda room, user: access
+    core.frame(alice, type="join", room="r")
+    core.frame(alice, type="send", room="r", body="queued behind the join")
+    core.chat.kick(EVERYWHERE, "alice", "banned")
+    access.callback(Access(private=False, member=False, banned=False))
+    assert core.store.pending == []
+
+
+def test_other_frames_cost_a_token_each_and_strike_like_messages():
+    core = Core(rate_limit=1.0, rate_burst=2, rate_limit_strikes=2)
+    alice, a = core.connect("alice")
+    assert core.chat.allow_frame(alice) and core.chat.allow_frame(alice)
+    assert not core.chat.allow_frame(alice)
+    assert a.frames[-1] == {
+        "type": "error",
+        "code": "rate_limited",
+        "message": a.frames[-1]["message"],
+    }
+    core.clock.advance(1.0)
+    core.frame(alice, type="ping", ref=1)  # the bucket is shared with messages
+    assert a.kinds()[-1] == "pong"
+    assert not core.chat.allow_frame(alice)
+    assert not core.chat.allow_frame(alice)
+    assert a.closed == (CLOSE_POLICY, "rate limit exceeded")
+    assert core.chat.policy_closes == 1
+
+
+def held_ban_check(core: Core) -> list[Deferred]:
+    """Ban checks wait until the test answers them."""
+    asked: list[Deferred] = []
+
+    def check(user: str) -> Deferred:
+        asked.append(Deferred())
+        return asked[-1]
+
+    core.store.banned_everywhere = check
+    return asked
+
+
+def test_a_ban_applied_during_the_ban_check_refuses_the_handshake():
+    core = Core()
+    asked = held_ban_check(core)
+    results: list = []
+    Deferred.fromCoroutine(core.chat.admit(Identity("mallory"), "192.0.2.1")).addBoth(
+        results.append
+    )
+    core.chat.kick(EVERYWHERE, "mallory", "banned")  # the kick of a ban just stored
+    asked[0].callback(False)  # read before the ban was stored
+    (result,) = results
+    assert result.check(Refused) and result.value.status == 403, result
+    assert not core.chat.users and not core.chat.admission.by_user
+    assert core.chat.kicks == 1
+
+
+def test_a_handshake_refused_by_a_limit_leaves_nothing_registered():
+    core = Core(max_connections_per_user=1)
+    core.admit("alice")
+    with pytest.raises(Refused):
+        core.admit("alice")
+    assert len(core.chat.users["alice"]) == 1 and core.chat.admission.by_user == {"alice": 1}
+
+
+def test_a_ban_or_an_expiry_after_admission_closes_the_connection_as_it_opens():
+    core = Core()
+    banned = core.admit("mallory")
+    expiring = core.admit("alice", expires=core.clock.seconds() + 1)
+    core.chat.kick(EVERYWHERE, "mallory", "banned")
+    core.clock.advance(1)
+    for session, code in ((banned, CLOSE_BANNED), (expiring, CLOSE_TOKEN_EXPIRED)):
+        transport = FakeTransport()
+        core.chat.open(session, transport)
+        assert transport.closed is not None and transport.closed[0] == code
+        core.frame(session, type="ping")
+        assert transport.writes == [] and not session.open
+        core.chat.close(session)
+    assert not core.chat.users and not core.chat.admission.by_user
+
+
+def test_a_disconnect_by_the_server_is_a_close_decided_by_the_core():
+    core = Core()
+    alice, a = core.connect("alice")
+    core.frame(alice, type="join", room="r")
+    core.chat.disconnect(alice, 1001, "server shutting down")
+    assert a.closed == (1001, "server shutting down")
+    core.frame(alice, type="send", room="r", body="late")
+    assert core.store.pending == [] and a.kinds() == ["joined"]
+
+
+def test_a_client_sending_past_its_rate_after_the_close_is_not_read_any_more():
+    core = Core(rate_limit=1.0, rate_burst=3, rate_limit_strikes=1, max_bad_frames=1)
+    alice, a = core.connect("alice")
+    core.chat.handle(alice, b"not json", False)  # closed by policy, two tokens left
+    assert a.closed is not None
+    for _ in range(2):
+        core.frame(alice, type="ping")  # in flight when the close went out: fine
+        assert a.reading
+    assert not core.chat.allow_frame(alice)  # one past its rate
+    assert not a.reading
+    assert a.kinds() == ["error"] and core.chat.policy_closes == 1

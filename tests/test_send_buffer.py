@@ -76,3 +76,18 @@ def test_zero_grace_drops_at_once():
     assert factory.dropped_slow == 0
     proto.write(b"x")
     assert factory.dropped_slow == 1 and transport.disconnecting
+
+
+def test_a_clean_close_hands_what_is_queued_to_the_transport_in_order():
+    """Autobahn's close frame (a reply too) joins the queue; before the FIN, Twisted
+    must get all of it, or the peer would see frames lost and no close frame."""
+    proto, factory, transport = paused_connection(grace=1.0)
+    proto.write(b"one")
+    proto.write(b"two")
+    proto.write(b"\x88\x02\x03\xe8")  # a close frame
+    assert transport.value() == b""
+    proto.hand_over()
+    assert transport.value() == b"onetwo\x88\x02\x03\xe8"
+    proto.resumeProducing()  # nothing is written twice
+    assert transport.value() == b"onetwo\x88\x02\x03\xe8"
+    assert factory.dropped_slow == 0

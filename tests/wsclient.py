@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import struct
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -235,3 +237,118 @@ def server_frame_payloads(data: bytes) -> list[bytes]:
         out.append(data[pos : pos + n])
         pos += n
     return out
+
+
+# -- a WebSocket client at the byte level -------------------------------------------
+
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+
+
+def client_frame(payload: bytes, opcode: int = OP_TEXT, fin: bool = True) -> bytes:
+    """One masked client frame, any opcode, fragment or not, empty or not."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n > 65535:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    elif n > 125:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | n])
+    key = (mask * (n // 4 + 1))[:n]
+    body = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return head + mask + body
+
+
+def text(frame: dict[str, Any]) -> bytes:
+    """A whole client text frame holding ``frame`` as JSON."""
+    return client_frame(json.dumps(frame).encode())
+
+
+class RawWebSocket(Protocol):
+    """Sends whatever frames a test builds (pings, pongs, empty fragments) and sees every
+    frame the server sends, control frames included, as (opcode, payload) in order.
+
+    Answers the server's close frame with one of its own, as a client should, so
+    ``lost`` firing means the server has read everything sent before it.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.buffer = b""
+        self.upgraded = False
+        self.opened: Deferred[None] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+        self.frames: DeferredQueue[tuple[int, bytes]] = DeferredQueue()
+        self.close_code: int | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            if not head.startswith(b"HTTP/1.1 101 "):
+                self.opened.errback(HandshakeRefused(head.split(b"\r\n", 1)[0].decode()))
+                self.transport.loseConnection()
+                return
+            self.upgraded, self.buffer = True, rest
+            self.opened.callback(None)
+        while len(self.buffer) >= 2:
+            opcode, n, pos = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F, 2
+            if n == 126:
+                n, pos = int.from_bytes(self.buffer[2:4], "big"), 4
+            elif n == 127:
+                n, pos = int.from_bytes(self.buffer[2:10], "big"), 10
+            if len(self.buffer) < pos + n:
+                return
+            payload, self.buffer = self.buffer[pos : pos + n], self.buffer[pos + n :]
+            if opcode == OP_CLOSE and self.close_code is None:
+                self.close_code = int.from_bytes(payload[:2], "big") if payload else 1005
+                self.send(OP_CLOSE, payload[:2])
+            self.frames.put((opcode, payload))
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.opened.called:
+            self.opened.errback(HandshakeRefused("connection lost"))
+        self.lost.callback(None)
+
+    def send(self, opcode: int, payload: bytes = b"", fin: bool = True) -> None:
+        self.transport.write(client_frame(payload, opcode, fin))
+
+    def write(self, data: bytes) -> None:
+        """Frames built by ``client_frame``, many in one write if the test wants."""
+        self.transport.write(data)
+
+    def stop_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    async def recv(self, timeout: float = TIMEOUT) -> tuple[int, bytes]:
+        return await self.frames.get().addTimeout(timeout, reactor)
+
+    async def recv_json(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        opcode, payload = await self.recv(timeout)
+        assert opcode == OP_TEXT, (opcode, payload)
+        return json.loads(payload)
+
+    async def wait_lost(self, timeout: float = TIMEOUT) -> None:
+        lost: Deferred[None] = Deferred()
+        self.lost.addBoth(lambda r: lost.callback(None) if not lost.called else None)
+        await lost.addTimeout(timeout, reactor)
+
+
+async def raw_websocket(port: int, user: str = "alice") -> RawWebSocket:
+    """An open WebSocket on a raw TCP connection (see ``RawWebSocket``)."""
+    request = (
+        f"GET /ws?user={user} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    proto = RawWebSocket(request)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)
+    await endpoint.connect(ProtocolFactory.forProtocol(lambda: proto)).addTimeout(TIMEOUT, reactor)
+    await proto.opened.addTimeout(TIMEOUT, reactor)
+    return proto

@@ -140,10 +140,11 @@ class ChatFactory(WebSocketServerFactory):
         step = spread / len(protos) if protos else 0.0
         for i, proto in enumerate(protos):
             waits.append(self.when_closed(proto))
+            # Through the core, which then acts on nothing more the client sends.
             if step:
-                self.clock.callLater(i * step, proto.close, code, reason)
+                self.clock.callLater(i * step, self.chat.disconnect, proto.session, code, reason)
             else:
-                proto.close(code, reason)
+                self.chat.disconnect(proto.session, code, reason)
         done = DeferredList(waits, consumeErrors=True)
         timeout += spread
 

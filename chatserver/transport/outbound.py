@@ -101,6 +101,16 @@ class Outbound:
             cancel(self._over_timer)
             self._over_timer = None
 
+    def hand_over(self) -> None:
+        """A clean close follows: Twisted writes what it holds before the FIN, and
+        no longer asks us for more, so what is queued (at most about
+        ``max_send_buffer``) goes to it now rather than being lost."""
+        queue = self._queue
+        self._queue = None
+        self._queued = 0
+        if queue:
+            self.transport.write(b"".join(queue))
+
     def stopProducing(self) -> None:
         self._writable = False
         self._queue = None

@@ -26,6 +26,9 @@ log = Logger()
 _STATUS_TEXT = {401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests"}
 
 
+_WebSocket = WebSocketServerProtocol
+
+
 def _text(reason: str | bytes | None) -> str:
     if isinstance(reason, bytes):
         return reason.decode("utf-8", "replace")
@@ -42,6 +45,9 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
     ping_due = 0.0  # when the next WebSocket ping is sent
     pong_deadline = 0.0  # when an unanswered ping counts as a dead peer; 0: none out
     handshake_channel: Any = None  # the HTTP channel whose deadline covers our handshake
+    # Autobahn is reading a message's first frame (paid for with the whole
+    # message, in Chat.handle); each later fragment is charged as it begins.
+    _first_frame = False
 
     @property
     def user(self) -> str:
@@ -114,7 +120,32 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
         """For the fast paths' mixins: called before each ping, never mid-frame."""
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # Autobahn reads on after a close frame of ours; the core decided that close
+        # and ignores what follows (Autobahn's own, for protocol errors, stop it itself).
         self.factory.chat.handle(self.session, payload, isBinary)
+
+    # -- every other frame costs a token too (Chat.allow_frame) ------------------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._first_frame = True
+        _WebSocket.onMessageBegin(self, isBinary)  # not super(): once per message, measurable
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        if self._first_frame:
+            self._first_frame = False
+        else:
+            # Even an empty fragment: Autobahn reads it whatever we answer.
+            self.factory.chat.allow_frame(self.session)
+        _WebSocket.onMessageFrameBegin(self, length)
+
+    def onPing(self, payload: bytes) -> None:
+        if self.factory.chat.allow_frame(self.session):
+            self.sendPong(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        if self.factory.chat.allow_frame(self.session):
+            self.pong_deadline = 0.0
+            self.ping_due = self.factory.clock.seconds() + self.factory.config.ping_interval
 
     def connectionLost(self, reason: Any) -> None:
         self.gone = True
@@ -144,11 +175,23 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
         )
         factory.closed(self)
 
-    def onPong(self, payload: bytes) -> None:
-        self.pong_deadline = 0.0
-        self.ping_due = self.factory.clock.seconds() + self.factory.config.ping_interval
-
     # -- session.Transport: write (Outbound) and close ----------------------------
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Autobahn's own frames (pongs, pings, close frames) join the send queue once
+        open: bounded by ``max_send_buffer`` like ours, and behind what waits."""
+        if self.ws_open and not sync and not chopsize:
+            self.write(data)
+        else:
+            super().sendData(data, sync, chopsize)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        if not abort:
+            self.hand_over()  # a clean close: what is queued (our close frame too) goes first
+        super().dropConnection(abort)
+
+    def stop_reading(self) -> None:
+        self.transport.pauseProducing()  # a TCP (or TLS) transport: stops reading
 
     def close(self, code: int, reason: str) -> None:
         # sendClose() only takes application codes; 1001/1008 are protocol-level.
