@@ -9,6 +9,11 @@ prints a markdown table and kills what it started, even on errors.
     python bench/cross_instance.py [--store sqlite|postgres] [--rooms 10]
         [--members 100] [--rate 2000] [--seconds 10]
 
+``--redis-cluster`` puts a throwaway Redis Cluster (3 masters, 3 replicas) in
+place of the one Redis: rooms then use sharded pub/sub, spread over the masters
+by slot. Run the script with and without it to compare deliveries/s, p99 and
+the servers' CPU per delivery.
+
 Servers are pinned to CPU 0 and the generator to CPU 1 (``taskset``) when
 possible, so the generator's CPU figure shows whether it, and not the server,
 was the bottleneck. Redis and Postgres are not pinned. The servers get a few
@@ -73,8 +78,11 @@ def percentile(sorted_values: Any, p: float) -> float:
 PEERS = HERE / "peers"
 
 
-def server_argv(server: str, port: int, redis_url: str, database_url: str) -> list[str]:
-    """The command line of one server under test: chatserver, or a peer to compare with."""
+def server_argv(server: str, port: int, redis_url: str | None, database_url: str) -> list[str]:
+    """The command line of one server under test: chatserver, or a peer to compare with.
+
+    ``redis_url`` None: chatserver finds its Redis Cluster in CHATSERVER_REDIS_CLUSTER.
+    """
     if server == "autobahn":
         return [sys.executable, str(PEERS / "autobahn_broadcast.py"), str(port)]
     if server == "channels":
@@ -83,11 +91,13 @@ def server_argv(server: str, port: int, redis_url: str, database_url: str) -> li
             raise RuntimeError(
                 "the channels peer needs its virtualenv: see bench/peers/channels/requirements.txt"
             )
+        assert redis_url is not None
         return [str(python), str(PEERS / "channels" / "run.py"), str(port), redis_url, database_url]
     if server == "node":
         if not (PEERS / "node" / "node_modules" / "ws").is_dir():
             raise RuntimeError("the node peer needs its package: cd bench/peers/node && npm ci")
         return ["node", str(PEERS / "node" / "server.js"), str(port)]
+    redis = ["--redis-url", redis_url] if redis_url is not None else []
     return [
         venv_tool("twistd"),
         "-n",
@@ -95,8 +105,7 @@ def server_argv(server: str, port: int, redis_url: str, database_url: str) -> li
         "chatserver",
         "--listen",
         f"tcp:{port}:interface=127.0.0.1:backlog=1024",
-        "--redis-url",
-        redis_url,
+        *redis,
         "--database-url",
         database_url,
     ]
@@ -807,6 +816,13 @@ def bottleneck(generator: float, server_cpu: dict[str, float], pin: bool) -> str
     return "bottleneck: " + ("; ".join(notes) if notes else "none hit (CPU below 90% everywhere)")
 
 
+def cpu_per_delivery(server_cpu: dict[str, float], window: float, deliveries: int) -> float:
+    """Microseconds of server CPU (both instances) per message delivered to a member."""
+    if not deliveries:
+        return float("nan")
+    return (server_cpu["A"] + server_cpu["B"]) * window / deliveries * 1e6
+
+
 def report(
     args: argparse.Namespace,
     m: dict[str, Any],
@@ -844,6 +860,10 @@ def report(
         ("server A CPU (senders)", f"{server_cpu['A'] * 100:.0f}%"),
         ("server B CPU (members)", f"{server_cpu['B'] * 100:.0f}%" if args.instances > 1 else "-"),
         (
+            "server CPU per delivery, A+B (us)",
+            f"{cpu_per_delivery(server_cpu, window, m['arrivals_in_window']):.1f}",
+        ),
+        (
             "CPU 0 / CPU 1 busy, all processes",
             " / ".join(
                 f"{server_cpu[c] * 100:.0f}%" if c in server_cpu else "-" for c in ("cpu0", "cpu1")
@@ -854,8 +874,9 @@ def report(
         ("connections closed during run", json.dumps(dict(closed)) if closed else "0"),
     ]
     pinning = "servers CPU 0, generator CPU 1 (taskset)" if pin else "none"
+    broker = "redis-cluster(3 masters)" if args.redis_cluster else "redis"
     head = (
-        f"server={args.server} instances={args.instances}"
+        f"server={args.server} broker={broker} instances={args.instances}"
         f" store={args.store if args.server in ('chatserver', 'channels') else '-'}"
         f" rooms={args.rooms}"
         f" members={args.members} rate={args.rate:g}/s "
@@ -930,13 +951,19 @@ def run(args: argparse.Namespace) -> int:
     raise_fd_limit(connections + 4096)
     root = Path(tempfile.mkdtemp(prefix="chatbench-"))
     redis: Any = None
+    redis_url: str | None = None
     pg: Any = None
     instances: list[Instance] = []
     gens: list[Generator] = []
     ok = False
     try:
-        redis = servers.RedisServer()
-        redis.start()
+        if args.redis_cluster:
+            redis = servers.RedisCluster()  # 3 masters + 3 replicas, sharded pub/sub
+            redis.start()
+        else:
+            redis = servers.RedisServer()
+            redis.start()
+            redis_url = redis.url
         if args.store == "postgres":
             pg = servers.PostgresServer(durable=True)  # fsync on, as in production
             pg.start()
@@ -956,9 +983,11 @@ def run(args: argparse.Namespace) -> int:
 
         # The caller's CHATSERVER_* variables win, so any setting can be tried.
         env = {**SERVER_ENV, **os.environ}
+        if args.redis_cluster:
+            env["CHATSERVER_REDIS_CLUSTER"] = ",".join(redis.seed_urls())
         for name in ("A", "B")[: args.instances]:
             inst = Instance(name, root / name, servers.free_port())
-            argv = server_argv(args.server, inst.port, redis.url, database_url)
+            argv = server_argv(args.server, inst.port, redis_url, database_url)
             inst.start(pinned(argv, 0, pin), env)
             instances.append(inst)
         for inst in instances:
@@ -1063,6 +1092,11 @@ def main() -> int:
         help="what to measure: chatserver (Redis and the store on), or a peer in bench/peers/"
         " (one in-memory process; implies --instances 1)",
     )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="a throwaway 3-master Redis Cluster (sharded pub/sub) instead of one Redis",
+    )
     parser.add_argument("--keep", action="store_true", help="keep logs and databases")
     parser.add_argument("--_generator", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1072,6 +1106,8 @@ def main() -> int:
         return 0
     if args.server != "chatserver":
         args.instances = 1
+        if args.redis_cluster:
+            parser.error("--redis-cluster measures chatserver only")
     if min(args.rooms, args.members) < 1 or min(args.rate, args.seconds, args.drain) <= 0:
         parser.error("rooms, members, rate, seconds and drain must be positive")
 

@@ -135,6 +135,7 @@ class ServerCollector:
             "Room channels this instance subscribes to.",
             getattr(broker, "subscribed_rooms", len(getattr(broker, "rooms", ()))),
         )
+        yield from _cluster_metrics(broker)
         fast = s.fast_paths
         fast_on = GaugeMetricFamily(
             PREFIX + "fast_path_enabled",
@@ -184,6 +185,32 @@ class ServerCollector:
             for status, count in sorted(admin.requests.items()):
                 requests.add_metric([str(status)], count)
             yield requests
+
+
+def _cluster_metrics(broker: object) -> Iterator[Metric]:
+    """The Redis Cluster broker's own numbers; nothing for other brokers."""
+    if not hasattr(broker, "slot_map_refreshes"):
+        return
+    yield _counter(
+        "redis_cluster_slot_map_refreshes",
+        "Slot maps read from the cluster (periodic, and after MOVED or a lost node).",
+        getattr(broker, "slot_map_refreshes", 0),
+    )
+    yield _counter(
+        "redis_cluster_moved",
+        "MOVED redirects received (a slot served elsewhere than our map said).",
+        getattr(broker, "moved", 0),
+    )
+    yield _counter(
+        "redis_cluster_ask",
+        "ASK redirects followed (a slot in migration).",
+        getattr(broker, "asked", 0),
+    )
+    yield _gauge(
+        "redis_cluster_masters",
+        "Masters in the slot map in use.",
+        getattr(broker, "masters_known", 0),
+    )
 
 
 class MetricsResource(Resource):

@@ -483,10 +483,24 @@ class RedisClusterNode(RedisServer):
     ``nodes.conf`` lives in that directory, so ``restart()`` brings the node
     back with its cluster identity.  The cluster bus gets a port of its own
     (``--cluster-port``) because client port + 10000 may be taken or > 65535.
+    With ``tls_files`` (one CA for the whole cluster) clients, replication and
+    the cluster bus all speak TLS; a ``password`` is also the one replicas
+    use to reach their master.
     """
 
-    def __init__(self, *, node_timeout_ms: int, taken: set[int]) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        *,
+        node_timeout_ms: int,
+        taken: set[int],
+        password: str | None = None,
+        tls_files: dict[str, Path] | None = None,
+    ) -> None:
+        super().__init__(password=password)
+        if tls_files:
+            self.tls = True
+            for attr, path in tls_files.items():
+                setattr(self, attr, str(path))
         while self.port in taken:
             self.port = free_port()
         taken.add(self.port)
@@ -497,7 +511,7 @@ class RedisClusterNode(RedisServer):
         self.node_timeout_ms = node_timeout_ms
 
     def _argv(self) -> list[str]:
-        return [
+        argv = [
             *super()._argv(),
             "--cluster-enabled",
             "yes",
@@ -516,6 +530,16 @@ class RedisClusterNode(RedisServer):
             "--repl-diskless-sync-delay",
             "0",
         ]
+        if self.password:
+            argv += ["--masterauth", self.password]
+        if self.tls:
+            assert self.client_cert_file and self.client_key_file
+            argv += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+            # Towards other nodes (bus, replication) a node is the client: its
+            # server certificate is not good for that.
+            argv += ["--tls-client-cert-file", self.client_cert_file]
+            argv += ["--tls-client-key-file", self.client_key_file]
+        return argv
 
     def _role(self) -> list[Any] | None:
         if not self.running:
@@ -593,10 +617,21 @@ class RedisCluster:
 
     host = "127.0.0.1"
 
-    def __init__(self, *, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self, *, node_timeout_ms: int = 1000, password: str | None = None, tls: bool = False
+    ) -> None:
         self.binary = _find_binary("redis-server", package="redis-server")
         self.cli = _find_binary("redis-cli", package="redis-tools")
         self.node_timeout_ms = node_timeout_ms
+        self.password = password
+        self.tls = tls
+        # One CA for every node (the cluster bus verifies peers too); its
+        # certificates name localhost and 127.0.0.1, as CLUSTER SLOTS does.
+        self._tls_dir: Path | None = None
+        self.tls_files: dict[str, Path] = {}
+        if tls:
+            self._tls_dir = Path(tempfile.mkdtemp(prefix="chatserver-redis-cluster-tls-"))
+            self.tls_files = _write_tls_material(self._tls_dir)
         self._nodes: list[RedisClusterNode] = []
         self._last_map: tuple[tuple[int, int, int], ...] = ()
         self._lost: dict[int, tuple[tuple[int, int], ...]] = {}
@@ -617,7 +652,13 @@ class RedisCluster:
         raise KeyError(f"no node of this cluster listens on port {port}")
 
     def seed_urls(self) -> list[str]:
-        return [f"redis://{self.host}:{node.port}" for node in self._nodes]
+        """One URL per node; rediss://localhost under TLS (the name verifies), with the
+        password (as the ``default`` user's) if there is one."""
+        if not self.tls and not self.password:
+            return [f"redis://{self.host}:{node.port}" for node in self._nodes]
+        scheme, host = ("rediss", "localhost") if self.tls else ("redis", self.host)
+        auth = f"default:{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
+        return [f"{scheme}://{auth}{host}:{node.port}" for node in self._nodes]
 
     def start(self) -> None:
         """Start the nodes, join them with ``redis-cli --cluster create``, wait until ok."""
@@ -628,7 +669,12 @@ class RedisCluster:
         self._started = True
         taken: set[int] = set()
         for _ in range(6):
-            node = RedisClusterNode(node_timeout_ms=self.node_timeout_ms, taken=taken)
+            node = RedisClusterNode(
+                node_timeout_ms=self.node_timeout_ms,
+                taken=taken,
+                password=self.password,
+                tls_files=self.tls_files or None,
+            )
             self._nodes.append(node)
             node.start()
         argv = [
@@ -640,6 +686,10 @@ class RedisCluster:
             "1",
             "--cluster-yes",
         ]
+        if self.password:
+            argv[1:1] = ["-a", self.password, "--no-auth-warning"]
+        if self.tls:
+            argv[1:1] = ["--tls", "--cacert", str(self.tls_files["ca_file"])]
         env = {k: v for k, v in os.environ.items() if not k.startswith("REDISCLI_")}
         try:
             result = subprocess.run(
@@ -670,6 +720,8 @@ class RedisCluster:
         self._closed = True
         for node in self._nodes:
             node.close()
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
 
     def __enter__(self) -> RedisCluster:
         try:

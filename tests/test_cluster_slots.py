@@ -40,3 +40,29 @@ def test_slots_and_owners_match_a_real_cluster(redis_cluster):
     assert len(m.masters()) == 3
     for name in names:
         assert m.owner_of(name.encode()) == Node("127.0.0.1", redis_cluster.owner_of(name))
+
+
+def test_a_map_keeps_replicas_and_names_unknown_hosts_after_the_node_asked():
+    reply = [
+        [0, 8191, [b"10.0.0.1", 7000, b"a"], [b"10.0.0.4", 7003, b"d"]],
+        [8192, SLOTS - 1, [b"", 7001, b"b"], [b"?", 7004, b"e"]],
+    ]
+    m = SlotMap(reply, asked="10.0.0.9")
+    assert m.owner(9000) == Node("10.0.0.9", 7001)
+    assert m.replicas == {Node("10.0.0.4", 7003), Node("10.0.0.9", 7004)}
+    assert m.nodes() == m.masters() | m.replicas
+    assert m.covers_all() and m.coverage() == SLOTS
+
+
+def test_a_moved_slot_patches_one_slot_only():
+    a, b, c = Node("h", 1), Node("h", 2), Node("h", 3)
+    m = SlotMap([[0, 99, ["h", 1]], [100, SLOTS - 1, ["h", 2]]])
+    moved = m.with_owner(50, c)
+    assert [moved.owner(s) for s in (0, 49, 50, 51, 99, 100)] == [a, a, c, a, a, b]
+    assert moved.covers_all() and moved.masters() == {a, b, c}
+    assert m.owner(50) == a  # the original is unchanged
+    edge = m.with_owner(0, b).with_owner(99, b)
+    assert [edge.owner(s) for s in (0, 1, 98, 99)] == [b, a, a, b]
+    owners = moved.owners()
+    assert len(owners) == SLOTS and owners[50] == c and owners[100] == b
+    assert not moved.same_owners(m) and moved.same_owners(m.with_owner(50, c))

@@ -58,13 +58,26 @@ def _text(value: object) -> str:
 
 
 class SlotMap:
-    """Owners of slot ranges, from a CLUSTER SLOTS reply (bytes or str elements)."""
+    """Owners of slot ranges, from a CLUSTER SLOTS reply (bytes or str elements).
 
-    def __init__(self, reply: Sequence[Sequence[object]]) -> None:
+    ``asked`` is the host of the node that answered: Redis names a node whose
+    address it does not know by an empty host (or "?"), meaning that one.
+    Replicas are kept too (``nodes``): when every master we knew is gone,
+    one of them can still say who serves the slots now.
+    """
+
+    def __init__(self, reply: Sequence[Sequence[object]], asked: str = "") -> None:
         ranges = []
+        replicas = set()
         for entry in reply:
             start, end, master = int(entry[0]), int(entry[1]), entry[2]
-            ranges.append((start, end, Node(_text(master[0]), int(master[1]))))  # type: ignore[index]
+            ranges.append((start, end, _node(master, asked)))  # type: ignore[arg-type]
+            for replica in entry[3:]:
+                replicas.add(_node(replica, asked))  # type: ignore[arg-type]
+        self._set(ranges)
+        self.replicas = frozenset(replicas - self.masters())
+
+    def _set(self, ranges: list[tuple[int, int, Node]]) -> None:
         ranges.sort(key=lambda r: r[0])
         self._starts = [r[0] for r in ranges]
         self._ranges = ranges
@@ -83,6 +96,10 @@ class SlotMap:
     def masters(self) -> set[Node]:
         return {node for _, _, node in self._ranges}
 
+    def nodes(self) -> set[Node]:
+        """Every node the reply named, masters and replicas."""
+        return self.masters() | self.replicas
+
     def covers_all(self) -> bool:
         """Every slot has an owner: the map is complete."""
         expected = 0
@@ -91,3 +108,46 @@ class SlotMap:
                 return False
             expected = end + 1
         return expected == SLOTS
+
+    def coverage(self) -> int:
+        """How many slots have an owner."""
+        return sum(end - start + 1 for start, end, _ in self._ranges)
+
+    def owners(self) -> list[Node | None]:
+        """The owner of every slot, by slot: a lookup without bisecting, for hot paths."""
+        out: list[Node | None] = [None] * SLOTS
+        for start, end, node in self._ranges:
+            out[start : end + 1] = [node] * (end - start + 1)
+        return out
+
+    def with_owner(self, slot: int, node: Node) -> SlotMap:
+        """This map with ``slot`` served by ``node`` (what a MOVED reply says)."""
+        ranges: list[tuple[int, int, Node]] = []
+        for start, end, owner in self._ranges:
+            if start <= slot <= end:
+                if start < slot:
+                    ranges.append((start, slot - 1, owner))
+                if slot < end:
+                    ranges.append((slot + 1, end, owner))
+            else:
+                ranges.append((start, end, owner))
+        ranges.append((slot, slot, node))
+        patched = SlotMap.__new__(SlotMap)
+        patched._set(ranges)
+        patched.replicas = self.replicas - {node}
+        return patched
+
+    def same_owners(self, other: SlotMap) -> bool:
+        """Both maps send every slot to the same master."""
+        return self.owners() == other.owners()
+
+    def __repr__(self) -> str:
+        parts = [f"{s}-{e}:{n.host}:{n.port}" for s, e, n in self._ranges]
+        return f"<SlotMap {' '.join(parts)}>"
+
+
+def _node(entry: Sequence[object], asked: str) -> Node:
+    host = _text(entry[0])
+    if host in ("", "?"):
+        host = asked
+    return Node(host, int(entry[1]))  # type: ignore[call-overload]
