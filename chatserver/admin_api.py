@@ -40,7 +40,6 @@ from chatserver.store import EVERYWHERE, Store, StoreUnavailable
 from chatserver.transport.policies import ProxyPolicy
 
 log = Logger()
-MAX_REQUEST_BYTES = 1 << 20
 MAX_TRACKED_ADDRESSES = 10_000  # bounds the throttle's memory whatever the traffic
 
 
@@ -157,6 +156,7 @@ class AdminAPI(Resource):
             clock = reactor
         self._key = (config.admin_api_key or "").encode()
         self._max_body = config.max_body_chars
+        self._max_request = config.max_request_body
         self._store = store
         self._chat = chat
         self._proxies = ProxyPolicy(config.trusted_proxies)
@@ -167,6 +167,11 @@ class AdminAPI(Resource):
                 "admin API is served at /admin on the public port(s); set admin_listen to"
                 " serve it on a private endpoint only"
             )
+
+    def request_body_limit(self, method: bytes) -> int:
+        """Asked by the site before a body is read: only the POSTs take one. Anything
+        larger is refused with 413 then, unauthenticated or not, before it is read."""
+        return self._max_request if method == b"POST" else 0
 
     def render(self, request: Request) -> Any:
         Deferred.fromCoroutine(self._serve(request))
@@ -221,9 +226,11 @@ class AdminAPI(Resource):
         self.throttle.succeeded(address)
 
     def _json(self, request: Request) -> dict[str, Any]:
-        raw = request.content.read(MAX_REQUEST_BYTES + 1)
-        if len(raw) > MAX_REQUEST_BYTES:
-            raise HTTPError(413, "request body too large")
+        # The site has refused a larger body before reading it; this holds for a
+        # request that came some other way.
+        raw = request.content.read(self._max_request + 1)
+        if len(raw) > self._max_request:
+            raise HTTPError(413, f"request body over {self._max_request} bytes")
         try:
             body = wire.decode_json(raw) if raw.strip() else {}
         except (ValueError, UnicodeDecodeError):
@@ -243,6 +250,7 @@ class AdminAPI(Resource):
                 if not isinstance(private, bool):
                     raise HTTPError(400, "private must be true or false")
                 await self._store.set_room(room, private)
+                await self._chat.room_privacy_changed(room, private)
                 return {"room": room, "private": private}
             case ("POST", ["rooms", room, "members"]):
                 room = _name(room, "room")

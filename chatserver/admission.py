@@ -60,3 +60,19 @@ class Admission:
             counter[key] -= 1
             if counter[key] <= 0:
                 del counter[key]
+
+    # -- plain HTTP requests: the same per-address count, no user and no ban check --
+
+    def enter(self, address: str) -> bool:
+        """Count an HTTP request from ``address`` in, in the count WebSockets are admitted
+        against, so that neither kind can hold more than ``max_connections_per_ip``
+        between them; False (nothing counted) when the address is at the limit."""
+        if self.by_address[address] >= self._config.max_connections_per_ip:
+            return False
+        self.by_address[address] += 1
+        return True
+
+    def leave(self, address: str) -> None:
+        self.by_address[address] -= 1
+        if self.by_address[address] <= 0:
+            del self.by_address[address]

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +33,9 @@ from chatserver.store import EVERYWHERE, Access, Store, StoredMessage, StoreUnav
 CLOSE_POLICY = 1008
 CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_BANNED = 4003
+
+# The reason of the ``kicked`` frame a non-member gets when its room is made private.
+KICKED_PRIVATE = "private"
 
 
 class AccessDenied(Exception):
@@ -58,6 +61,8 @@ class Chat:
         self._clock = clock
         self.registry = registry
         self.admission = Admission(config, store)
+        # Every session's history bucket starts full: this one float, shared.
+        self._history_full = float(config.history_burst_bytes)
         # Sessions from the start of their handshake's ban check until the connection
         # ends, so that no ban misses one; a list: most users have one.
         self.users: dict[str, list[Session]] = {}
@@ -83,6 +88,7 @@ class Chat:
             identity.rooms,
             float(self._config.rate_burst),
             self._clock.seconds(),
+            self._history_full,
         )
         self._register(session)
         try:
@@ -258,6 +264,17 @@ class Chat:
 
         return d.addCallback(stored)
 
+    def room_privacy_changed(self, room: str, private: bool) -> Deferred[None]:
+        """The store now says whether ``room`` is private (admin API). Made private, it
+        loses every non-member at once, here and on every other instance: access was
+        checked at their join, when the room was public. Fires once this instance's
+        are out (each instance asks the store who its own are)."""
+        if not private:
+            return succeed(None)
+        payload = {"op": "private", "room": room, "user": "", "reason": KICKED_PRIVATE}
+        self._broker.publish_control(wire.encode(payload))
+        return Deferred.fromCoroutine(self._apply_private(room))
+
     def on_control(self, payload: bytes) -> None:
         try:
             msg = json.loads(payload)
@@ -267,6 +284,37 @@ class Chat:
             return
         if op == "kick" and isinstance(room, str) and isinstance(user, str):
             self._apply_kick(room, user, str(reason))
+        elif op == "private" and wire.is_valid_name(room):
+            Deferred.fromCoroutine(self._apply_private(room))
+
+    async def _apply_private(self, room: str) -> None:
+        """Kick the local sessions in ``room`` (joined, or joining: their access may have
+        been read before the change) that are not its members now.
+
+        A change that is rare and may cost: one store read for the users here. Sessions
+        that start joining after that read was asked for read the room private
+        themselves. If the store can't answer, everyone here goes (fail closed); a
+        member may simply join again.
+        """
+        users = [u for u, sessions in self.users.items() if any(room in s.rooms for s in sessions)]
+        if not users:
+            return
+        try:
+            stored = await self._store.memberships(room, users)
+        except StoreUnavailable:
+            self.log.warn(
+                "room {room} made private: the store could not say who its members are;"
+                " removing everyone here",
+                room=room,
+            )
+            stored = dict.fromkeys(users, False)
+        for user in users:
+            decided = stored.get(user)
+            for session in list(self.users.get(user, ())):
+                # A stored removal outranks the token's claim; a membership row is enough.
+                if decided is True or (decided is None and room in session.granted):
+                    continue
+                self._kick_session(session, room, KICKED_PRIVATE)
 
     async def recheck_bans(self) -> None:
         """After a broker outage: apply bans whose control message may have been lost.
@@ -293,13 +341,18 @@ class Chat:
                 # Also a session still in its handshake: it is refused, or closed on opening.
                 if self._close(session, CLOSE_BANNED, reason):
                     self.kicks += 1
-            elif session.open and room in session.rooms:
-                self.kicks += 1
-                del session.rooms[room]
-                self.registry.leave(session.transport, room)
-                self._send_frame(
-                    session, wire.encode({"type": "kicked", "room": room, "reason": reason})
-                )
+            else:
+                self._kick_session(session, room, reason)
+
+    def _kick_session(self, session: Session, room: str, reason: str) -> None:
+        """Out of ``room``, joined or joining (a join under way then ends not_member)."""
+        if session.open and room in session.rooms:
+            self.kicks += 1
+            del session.rooms[room]
+            self.registry.leave(session.transport, room)
+            self._send_frame(
+                session, wire.encode({"type": "kicked", "room": room, "reason": reason})
+            )
 
     # -- frames ---------------------------------------------------------------
 
@@ -353,7 +406,8 @@ class Chat:
     def _check_access(self, access: Access, session: Session, room: str) -> Deferred[int]:
         if access.banned:
             raise AccessDenied(f"you are banned from {room}")
-        if access.private and not access.member and room not in session.granted:
+        # The token's claim admits, unless the admin API removed the user since.
+        if access.private and not access.member and (room not in session.granted or access.removed):
             raise AccessDenied(f"{room} is private")
         if room not in session.rooms or not session.open:
             return None  # left (or gone) meanwhile; _joined sorts it out
@@ -419,24 +473,65 @@ class Chat:
             reason = str(failure.value) if failure.check(StoreUnavailable) else "storage failed"
             self._error(session, wire.UNAVAILABLE, reason, frame.ref)
 
+    def _history_allowed(self, session: Session) -> bool:
+        """The connection's history budget (bytes) is not spent.
+
+        A frame costs one rate token whatever page it asks for, up to 100 bodies of
+        4000 characters: the frame rate alone let one connection read tens of MB/s.
+        Pages are charged what they carry once encoded; a page asked for while any
+        budget is left is sent whole, so the budget may end below zero, and the
+        next page waits until the refill has paid that back.
+        """
+        now = self._clock.seconds()
+        refilled = (
+            session.history_budget
+            + (now - session.history_at) * self._config.history_bytes_per_second
+        )
+        session.history_budget = min(self._history_full, refilled)
+        session.history_at = now
+        return session.history_budget > 0
+
     def _history(self, session: Session, frame: wire.History) -> None:
+        reading = session.history_read
+        if reading is not None:
+            # One page at a time: each is charged before the next is let through, so
+            # a burst of requests can't all pass the budget before the first is paid.
+            reading.addCallback(self._history_next, session, frame)
+            return
+        if not session.open:
+            return
+        if frame.room not in session.rooms:  # kicked while it waited its turn
+            self._error(session, wire.NOT_MEMBER, f"not in {frame.room}", frame.ref)
+            return
+        if not self._history_allowed(session):
+            self._error(
+                session,
+                wire.RATE_LIMITED,
+                "history pages over this connection's byte budget; try again shortly",
+                frame.ref,
+            )
+            return
+        read: Deferred[None] = Deferred()
+        session.history_read = read
         d = self._store.history(frame.room, frame.before, frame.after, frame.limit)
 
         def done(result: tuple[list[StoredMessage], bool]) -> None:
             messages, more = result
-            if session.open:
-                self._send_frame(
-                    session,
-                    wire.reply(
-                        "history",
-                        frame.ref,
-                        room=frame.room,
-                        messages=[
-                            wire.message_dict(m.room, m.id, m.user, m.body, m.ts) for m in messages
-                        ],
-                        more=more,
-                    ),
-                )
+            if not session.open:
+                return
+            if frame.room not in session.rooms:
+                # Kicked (the room made private, say) while the page was read.
+                self._error(session, wire.NOT_MEMBER, f"not in {frame.room}", frame.ref)
+                return
+            payload = wire.reply(
+                "history",
+                frame.ref,
+                room=frame.room,
+                messages=[wire.message_dict(m.room, m.id, m.user, m.body, m.ts) for m in messages],
+                more=more,
+            )
+            session.history_budget -= len(payload)
+            self._send_frame(session, payload)
 
         def failed(failure: Failure) -> None:
             if not failure.check(StoreUnavailable):
@@ -446,4 +541,14 @@ class Chat:
                     session, wire.UNAVAILABLE, "history is unavailable; try again", frame.ref
                 )
 
+        def finished(result: Any) -> None:
+            if isinstance(result, Failure):
+                self.log.failure("answering a history request failed", result)
+            session.history_read = None
+            read.callback(None)
+
         d.addCallbacks(done, failed)
+        d.addBoth(finished)
+
+    def _history_next(self, _: None, session: Session, frame: wire.History) -> None:
+        self._history(session, frame)

@@ -89,14 +89,44 @@ class Config:
         (), "Proxy addresses or networks whose X-Forwarded-For is believed."
     )
     max_connections_per_user: int = _setting(20, "Open WebSockets one user may have.")
-    max_connections_per_ip: int = _setting(200, "Open WebSockets from one client address.")
+    max_connections_per_ip: int = _setting(
+        200,
+        "Connections from one client address, in one count: WebSockets (from their"
+        " handshake's admission) and plain HTTP requests (from their head until their"
+        " answer is written). One more gets 429.",
+    )
     handshake_timeout: float = _setting(
-        5.0, "Seconds from connecting to a complete request head and an open WebSocket."
+        5.0,
+        "Seconds from connecting (or the previous answer) to a complete request head,"
+        " and for a WebSocket upgrade on to the open WebSocket.",
+    )
+    http_request_timeout: float = _setting(
+        30.0,
+        "Seconds a plain HTTP request may take as a whole, from connecting (or the"
+        " previous answer) to our answer written: body and answer included, however"
+        " steadily the client trickles. Its head must still come within handshake_timeout.",
+    )
+    max_request_body: int = _setting(
+        1048576,
+        "Largest HTTP request body, in bytes, held in memory (never spooled to disk); only"
+        " the admin API's POSTs take one. Larger (by Content-Length, or as a chunked"
+        " body streams) gets 413 before the rest is read; elsewhere any body gets 413.",
     )
     rate_limit: float = _setting(20.0, "Frames per second a connection may send, sustained.")
     rate_burst: int = _setting(40, "Frames a connection may send at once above rate_limit.")
     rate_limit_strikes: int = _setting(
         20, "Rate-limited frames in a row before the connection is closed with 1008."
+    )
+    history_bytes_per_second: int = _setting(
+        1048576,
+        "Bytes of history pages a connection may read per second, sustained (a frame"
+        " costs the same whatever page it asks for; this bounds what the pages carry).",
+    )
+    history_burst_bytes: int = _setting(
+        4194304,
+        "Bytes of history pages a connection may read at once above"
+        " history_bytes_per_second (catching up on many rooms after a reconnect). A page"
+        " is never cut: one asked for with budget left is sent whole, the next waits.",
     )
     ping_interval: float = _setting(
         30.0, "Seconds between WebSocket pings to each client (under proxies' idle timeouts)."
@@ -210,9 +240,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_connections_per_user": (1, 1_000_000),
     "max_connections_per_ip": (1, 10_000_000),
     "handshake_timeout": (0.1, 600),
+    "http_request_timeout": (0.1, 3600),
+    "max_request_body": (1024, 64 * 1024 * 1024),
     "rate_limit": (0.01, 1_000_000),
     "rate_burst": (1, 1_000_000),
     "rate_limit_strikes": (1, 1_000_000),
+    "history_bytes_per_second": (1024, 1 << 34),
+    "history_burst_bytes": (1024, 1 << 36),
     "max_send_buffer": (1024, 1 << 34),
     "slow_client_timeout": (0.1, 3600),
     "send_buffer_grace": (0, 60),

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from chatserver import wire
+from chatserver.web import HTTP_REFUSALS
 
 if TYPE_CHECKING:
     from chatserver.service import ChatServerService
@@ -96,8 +97,22 @@ class ServerCollector:
         )
         for reason, count in sorted(factory.rejected.items()):
             rejected.add_metric([reason], count)
-        rejected.add_metric(["handshake timeout"], self._server.site.handshake_timeouts)
+        sites = getattr(s, "sites", [s.site])
+        rejected.add_metric(["timeout"], sum(site.handshake_timeouts for site in sites))
         yield rejected
+        yield _counter(
+            "http_request_timeouts",
+            "Plain HTTP requests cut off at http_request_timeout (body, answer or close).",
+            sum(site.request_timeouts for site in sites),
+        )
+        refusals = CounterMetricFamily(
+            PREFIX + "http_refusals",
+            "HTTP requests refused before their body was read, by reason.",
+            labels=["reason"],
+        )
+        for reason in HTTP_REFUSALS:
+            refusals.add_metric([reason], sum(site.http_refusals[reason] for site in sites))
+        yield refusals
         yield _gauge("store_queue_depth", "Messages waiting to be stored.", store.queue_depth())
         yield _counter("store_batches", "Write transactions committed.", store.batches)
         yield _gauge(

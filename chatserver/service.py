@@ -29,10 +29,10 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from chatserver import store as store_api
 from chatserver.admin_api import AdminAPI
+from chatserver.admission import Admission
 from chatserver.broker import Broker
 from chatserver.broker.memory import MemoryBroker, MemoryHub
 from chatserver.chat import Chat
@@ -45,6 +45,7 @@ from chatserver.rooms import RoomRegistry
 from chatserver.store.open import open_store, prepare
 from chatserver.transport import CLOSE_GOING_AWAY
 from chatserver.transport.factory import ChatFactory
+from chatserver.transport.policies import ProxyPolicy
 from chatserver.web import (
     AsyncJSONResource,
     AsyncTextResource,
@@ -97,8 +98,17 @@ class ListenService(Service):
         return port.stopListening() if port is not None else None
 
 
-def _site(root: Resource, clock: IReactorTime, config: Config) -> Site:
-    return ChatSite(root, clock, config.handshake_timeout)
+def _site(root: Resource, clock: IReactorTime, config: Config, addresses: Admission) -> ChatSite:
+    """Every site (main, metrics, admin) counts its requests in the one per-address
+    count the WebSockets are admitted against."""
+    return ChatSite(
+        root,
+        clock,
+        config.handshake_timeout,
+        config.http_request_timeout,
+        addresses,
+        ProxyPolicy(config.trusted_proxies),
+    )
 
 
 def parse_endpoint(reactor: IReactorTime, description: str) -> IStreamServerEndpoint:
@@ -166,22 +176,28 @@ class ChatServerService(MultiService):
             b"app.js": StaticPage("app.js", b"text/javascript; charset=utf-8"),
             b"app.css": StaticPage("app.css", b"text/css; charset=utf-8"),
         }
-        side_sites: list[tuple[str, Site]] = []
+        admission = self.chat.admission
+        side_sites: list[tuple[str, ChatSite]] = []
         if config.metrics_listen:
-            metrics_site = _site(Root({b"metrics": metrics}, None), clock, config)
+            metrics_site = _site(Root({b"metrics": metrics}, None), clock, config, admission)
             side_sites += [(desc, metrics_site) for desc in config.metrics_listen]
         else:
             children[b"metrics"] = metrics
         self.admin = AdminAPI(config, self.store, self.chat) if config.admin_api_key else None
         if self.admin is not None:
             if config.admin_listen:
-                admin_site = _site(Root({b"admin": self.admin}, None), clock, config)
+                admin_site = _site(Root({b"admin": self.admin}, None), clock, config, admission)
                 side_sites += [(desc, admin_site) for desc in config.admin_listen]
             else:
                 children[b"admin"] = self.admin
         self.site = _site(
-            Root(children, StaticPage("index.html", b"text/html; charset=utf-8")), clock, config
+            Root(children, StaticPage("index.html", b"text/html; charset=utf-8")),
+            clock,
+            config,
+            admission,
         )
+        # Each site's counters (handshake_timeouts, request_timeouts, http_refusals).
+        self.sites = [self.site, *dict.fromkeys(site for _, site in side_sites)]
         make_endpoint = endpoint or (lambda desc: parse_endpoint(reactor, desc))
         self.listeners = [
             ListenService(desc, make_endpoint(desc), self.site) for desc in config.listen

@@ -41,6 +41,9 @@ class Session:
         "counted",
         "expiry",
         "granted",
+        "history_at",
+        "history_budget",
+        "history_read",
         "open",
         "opened_at",
         "rooms",
@@ -52,7 +55,13 @@ class Session:
     )
 
     def __init__(
-        self, user: str, address: str, granted: frozenset[str], tokens: float, now: float
+        self,
+        user: str,
+        address: str,
+        granted: frozenset[str],
+        tokens: float,
+        now: float,
+        history_budget: float = 0.0,
     ) -> None:
         self.user = user
         self.address = address
@@ -66,6 +75,14 @@ class Session:
         self.tokens_at = now
         self.strikes = 0
         self.bad_frames = 0
+        # Token bucket of the bytes history pages may take (a frame costs the same
+        # whatever it asks for), refilled from ``history_at``; the caller passes the
+        # full bucket as one shared float, so an idle connection holds none of its own.
+        self.history_budget = history_budget
+        self.history_at = 0.0
+        # Fires when the history page being read has been answered: the next waits,
+        # so each is charged before the next one is let through.
+        self.history_read: Deferred[None] | None = None
         # The WebSocket is open and the core has not decided to close it: frames
         # flow both ways. False again from that decision on, not from the TCP close.
         self.open = False

@@ -197,7 +197,7 @@ async def test_a_ban_stored_while_the_handshake_is_checked_refuses_it(make_serve
     with pytest.raises(HandshakeRefused):
         client = await connecting
         await client.close()
-    assert server.factory.rejected["user is banned"] == 1
+    assert server.factory.rejected["banned"] == 1
     assert "mallory" not in server.chat.users
     assert server.chat.admission.by_user == {} and server.chat.admission.by_address == {}
     assert not server.factory.connections

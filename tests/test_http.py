@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest_twisted
-from wsclient import HandshakeRefused, connect, handshake_status, http_get, raw_request
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory as ProtocolFactory
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from wsclient import (
+    TIMEOUT,
+    HandshakeRefused,
+    connect,
+    handshake_status,
+    http_get,
+    raw_request,
+)
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -70,3 +84,105 @@ async def test_access_log_leaves_out_query_strings(server):
     lines = [line for line in seen if '"GET /ws' in line]
     assert lines, seen  # the request was logged...
     assert not any("s3cret" in line for line in seen)  # ...without its token
+
+
+# -- keep-alive and pipelining on the deadline channel ----------------------------
+
+
+class _Conversation(Protocol):
+    """A raw connection that waits for whole responses (each with a Content-Length)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: Deferred[None] = Deferred()
+        self._waiting: tuple[int, Deferred[list[bytes]]] | None = None
+
+    def responses(self) -> list[bytes]:
+        out, rest = [], self.data
+        while b"\r\n\r\n" in rest:
+            top, _, body = rest.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in top.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            if len(body) < length:
+                break
+            out.append(top.split(b"\r\n", 1)[0])
+            rest = body[length:]
+        return out
+
+    def wait_for(self, count: int) -> Deferred[list[bytes]]:
+        """Fires with the status lines once ``count`` responses are in (bounded)."""
+        d: Deferred[list[bytes]] = Deferred()
+        self._waiting = (count, d)
+        self._check()
+        return d.addTimeout(TIMEOUT, reactor)
+
+    def _check(self) -> None:
+        if self._waiting is not None and len(self.responses()) >= self._waiting[0]:
+            d, self._waiting = self._waiting[1], None
+            d.callback(self.responses())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self._check()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+
+
+async def _converse(port: int) -> _Conversation:
+    conn = _Conversation()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)
+    await endpoint.connect(ProtocolFactory.forProtocol(lambda: conn)).addTimeout(TIMEOUT, reactor)
+    return conn
+
+
+def _get(port: int, path: str, close: bool = False) -> bytes:
+    last = "Connection: close\r\n" if close else ""
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{last}\r\n".encode()
+
+
+@ensure
+async def test_pipelined_requests_are_answered_in_turn_and_counted_once(make_server):
+    """One connection, one request at a time: each counts against max_connections_per_ip
+    from its head to its answer, so requests in a row never count twice."""
+    server = make_server(max_connections_per_ip=1)
+    conn = await _converse(server.port)
+    try:
+        conn.transport.write(
+            _get(server.port, "/healthz")
+            + _get(server.port, "/app.css")
+            + _get(server.port, "/healthz", close=True)
+        )
+        assert await conn.wait_for(3) == [b"HTTP/1.1 200 OK"] * 3
+        await conn.lost.addTimeout(TIMEOUT, reactor)
+        assert not server.site.http_refusals
+    finally:
+        if not conn.lost.called:
+            conn.transport.abortConnection()
+
+
+@ensure
+async def test_each_keep_alive_request_gets_its_own_deadline(make_server):
+    """Requests in a row on one connection: each has its own time, and an idle
+    connection between them is closed at the handshake deadline."""
+    clock = Clock()
+    deadline = 8.0
+    edge = 1 / 64
+    server = make_server(handshake_timeout=deadline, http_request_timeout=20.0, clock=clock)
+    conn = await _converse(server.port)
+    try:
+        for count in (1, 2, 3):
+            clock.advance(deadline - edge)  # each request comes just before its deadline
+            conn.transport.write(_get(server.port, "/healthz"))
+            assert len(await conn.wait_for(count)) == count
+        clock.advance(deadline - edge)
+        assert (server.site.handshake_timeouts, server.site.request_timeouts) == (0, 0)
+        clock.advance(edge)  # idle past it: closed
+        await conn.lost.addTimeout(TIMEOUT, reactor)
+        assert (server.site.handshake_timeouts, server.site.request_timeouts) == (1, 0)
+    finally:
+        if not conn.lost.called:
+            conn.transport.abortConnection()

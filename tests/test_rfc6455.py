@@ -401,10 +401,6 @@ def server_side(server: Any, ws: RawClient) -> Any:
     return proto
 
 
-def xfail_if(condition: bool, reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(condition, reason=reason, strict=True)
-
-
 def cases(*values: Any, marks: Iterable[pytest.MarkDecorator] = (), id: str | None = None) -> Any:
     return pytest.param(*values, marks=tuple(marks), id=id)
 
@@ -472,29 +468,6 @@ async def _abort_leftover_connections() -> Any:
 # Where a violating frame goes: alone, or right behind a valid frame in the same write,
 # where the fast path reads the first frame and must pass the rest to Autobahn.
 PLACES = ("alone", "after_valid")
-
-# Observed, deterministically, with CHATSERVER_FAST_PATHS=false (also with fast paths on
-# but direct_write off): when the violation is inside the client's own close frame the
-# server sends no close frame at all and resets TCP; the client sees ConnectionLost.
-# STACK-NOTES 9: Autobahn, already closing once it has queued its close frame, goes on
-# to read the bad close frame as the reply and aborts the connection, which discards
-# what is queued. With fast paths on, direct_write has put the close frame on the socket
-# before the abort, so those cases pass.
-CLOSE_FRAME_DROPPED = (
-    "fast paths off: violation inside the client's close frame -> no close frame"
-    " ({code} expected), TCP reset (ConnectionLost)"
-)
-CLOSE_AND_PONG_DROPPED = (
-    "fast paths off: violation inside the client's close frame -> TCP reset"
-    " (ConnectionLost) with no frame at all: the pong to the valid ping written just"
-    " before it is lost too, and no close frame ({code} expected)"
-)
-
-
-def close_frame_xfail(place: str = "alone", code: int = PROTOCOL_ERROR) -> pytest.MarkDecorator:
-    """The strict xfail for a violation inside a close frame (see CLOSE_FRAME_DROPPED)."""
-    reason = CLOSE_FRAME_DROPPED if place == "alone" else CLOSE_AND_PONG_DROPPED
-    return xfail_if(not FAST, reason.format(code=code))
 
 
 async def write_placed(ws: RawClient, place: str, *frames: bytes) -> None:
@@ -754,16 +727,7 @@ def rsv_id(case: tuple[int, int]) -> str:
 
 @pytest.mark.parametrize(
     ("case", "place"),
-    [
-        cases(
-            case,
-            place,
-            id=f"{rsv_id(case)}-{place}",
-            marks=[close_frame_xfail(place)] if case[0] == OP_CLOSE else [],
-        )
-        for case in RSV_CASES
-        for place in PLACES
-    ],
+    [cases(case, place, id=f"{rsv_id(case)}-{place}") for case in RSV_CASES for place in PLACES],
 )
 @ensure
 async def test_3_reserved_bits_without_an_extension_are_a_protocol_error(
@@ -905,7 +869,7 @@ async def test_5_new_data_frame_inside_a_fragmented_message_is_a_protocol_error(
 @pytest.mark.parametrize(
     "opcode",
     [
-        cases(OP_CLOSE, id="close", marks=[close_frame_xfail()]),
+        cases(OP_CLOSE, id="close"),
         cases(OP_PING, id="ping"),
         cases(OP_PONG, id="pong"),
     ],
@@ -1086,7 +1050,7 @@ async def test_7_close_with_a_valid_code_is_answered(server: Any, code: int, rea
     await closes_cleanly(ws, code)
 
 
-@pytest.mark.parametrize("place", [cases(p, id=p, marks=[close_frame_xfail(p)]) for p in PLACES])
+@pytest.mark.parametrize("place", [cases(p, id=p) for p in PLACES])
 @ensure
 async def test_7_close_with_a_1_byte_body_is_a_protocol_error(server: Any, place: str) -> None:
     """5.5.1: "If there is a body, the first two bytes of the body MUST be a 2-byte
@@ -1100,7 +1064,6 @@ INVALID_CLOSE_CODES = (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5
 
 
 @pytest.mark.parametrize("code", INVALID_CLOSE_CODES)
-@close_frame_xfail()
 @ensure
 async def test_7_close_with_an_invalid_code_is_a_protocol_error(server: Any, code: int) -> None:
     """7.4.1: 1004 is reserved, 1005, 1006 and 1015 "MUST NOT be set as a status code in
@@ -1116,7 +1079,6 @@ async def test_7_close_with_an_invalid_code_is_a_protocol_error(server: Any, cod
     [b"\xff", b"ok\xed\xa0\x80", b"\xc0\xaf", "κόσμε".encode()[:-1]],
     ids=["ff", "surrogate", "overlong", "truncated"],
 )
-@close_frame_xfail(code=INVALID_PAYLOAD)
 @ensure
 async def test_7_close_reason_that_is_not_utf8_closes_with_1007(server: Any, reason: bytes) -> None:
     """5.5.1: the reason's data "MUST be UTF-8 encoded"; 8.1 then asks for 1007."""
@@ -1125,7 +1087,6 @@ async def test_7_close_reason_that_is_not_utf8_closes_with_1007(server: Any, rea
     assert await closes_with(ws, INVALID_PAYLOAD) == []
 
 
-@close_frame_xfail()
 @ensure
 async def test_7_close_with_a_126_byte_body_is_a_protocol_error(server: Any) -> None:
     """5.5: control frames carry at most 125 bytes, close frames too."""
@@ -1189,12 +1150,7 @@ UNMASKED = {
 @pytest.mark.parametrize(
     ("case", "place"),
     [
-        cases(
-            case,
-            place,
-            id=f"{name}-{place}",
-            marks=[close_frame_xfail(place)] if name == "close" else [],
-        )
+        cases(case, place, id=f"{name}-{place}")
         for name, case in UNMASKED.items()
         for place in PLACES
     ],

@@ -35,6 +35,8 @@ class Access:
     private: bool
     member: bool
     banned: bool
+    # Removed by the admin API and not added again: outranks the token's rooms claim.
+    removed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,12 @@ class Store(Protocol):
 
     def set_room(self, room: str, private: bool) -> Deferred[None]: ...
 
-    def set_member(self, room: str, user: str, member: bool) -> Deferred[None]: ...
+    def set_member(self, room: str, user: str, member: bool) -> Deferred[None]:
+        """Add (a membership row) or remove (a removal, until added again) ``user``."""
+
+    def memberships(self, room: str, users: list[str]) -> Deferred[dict[str, bool]]:
+        """What is stored of ``users`` in ``room``: True for a member, False for one
+        removed; users with neither are left out (a token's claim decides for them)."""
 
     def set_ban(self, room: str, user: str, banned: bool) -> Deferred[None]:
         """``room`` is ``EVERYWHERE`` for a ban from every room and from connecting."""

@@ -30,6 +30,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " room TEXT NOT NULL, username TEXT NOT NULL, PRIMARY KEY (room, username))",
         ],
     ),
+    (
+        3,
+        "removals from rooms, which outrank a token's rooms claim until the user is added again",
+        [
+            # A table of its own, not a flag on room_members: an instance still on the
+            # previous version during a rolling upgrade reads room_members as before.
+            "CREATE TABLE room_removals ("
+            " room TEXT NOT NULL, username TEXT NOT NULL, PRIMARY KEY (room, username))",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -30,7 +30,8 @@ from chatserver.store import (
 from chatserver.store.schema import LATEST, MIGRATIONS
 
 Row = tuple[str, int, str, str, int]  # room, id, user, body, ts
-# Users per ban query after a broker outage: well under any placeholder limit.
+# Users per query (bans after a broker outage, memberships of a room made private):
+# well under any placeholder limit.
 BANS_QUERY_CHUNK = 500
 Entry = tuple[str, str, str]  # room, user, body
 
@@ -407,18 +408,22 @@ class SQLStore:
         sql = self._dialect.sql
         private_q = sql("SELECT private FROM rooms WHERE name = %s")
         member_q = sql("SELECT 1 FROM room_members WHERE room = %s AND username = %s")
+        removed_q = sql("SELECT 1 FROM room_removals WHERE room = %s AND username = %s")
         ban_q = sql("SELECT 1 FROM bans WHERE room IN (%s, %s) AND username = %s")
 
         def q(txn: Any) -> Access:
             txn.execute(private_q, (room,))
             row = txn.fetchone()
             private = bool(row and row[0])
-            member = False
+            member = removed = False
             if private:
                 txn.execute(member_q, (room, user))
                 member = txn.fetchone() is not None
+                if not member:
+                    txn.execute(removed_q, (room, user))
+                    removed = txn.fetchone() is not None
             txn.execute(ban_q, (room, EVERYWHERE, user))
-            return Access(private, member, txn.fetchone() is not None)
+            return Access(private, member, txn.fetchone() is not None, removed)
 
         return self._run(q)
 
@@ -447,11 +452,33 @@ class SQLStore:
 
         return self._run(q)
 
-    def _change(self, statement: str, args: tuple) -> Deferred[None]:
-        sql = self._dialect.sql(statement)
+    def memberships(self, room: str, users: list[str]) -> Deferred[dict[str, bool]]:
+        step = BANS_QUERY_CHUNK
+        chunks = [users[i : i + step] for i in range(0, len(users), step)]
+        sql = self._dialect.sql
+
+        def q(txn: Any) -> dict[str, bool]:
+            found: dict[str, bool] = {}
+            for chunk in chunks:
+                marks = ",".join(["%s"] * len(chunk))
+                for table, member in (("room_removals", False), ("room_members", True)):
+                    query = (
+                        f"SELECT username FROM {table} WHERE room = %s AND username IN ({marks})"
+                    )
+                    txn.execute(sql(query), [room, *chunk])
+                    found.update((row[0], member) for row in txn.fetchall())
+            return found
+
+        return self._run(q)
+
+    def _change(self, statement: str, args: tuple, *more: tuple[str, tuple]) -> Deferred[None]:
+        """Statements run in one transaction (a change and what it undoes go together)."""
+        steps = [(self._dialect.sql(statement), args)]
+        steps += [(self._dialect.sql(text), more_args) for text, more_args in more]
 
         def q(txn: Any) -> None:
-            txn.execute(sql, args)
+            for sql, step_args in steps:
+                txn.execute(sql, step_args)
 
         # Every change here is idempotent, so the read path's retry is safe.
         return self._run(q)
@@ -464,14 +491,14 @@ class SQLStore:
         )
 
     def set_member(self, room: str, user: str, member: bool) -> Deferred[None]:
-        if member:
-            return self._change(
-                "INSERT INTO room_members (room, username) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (room, user),
-            )
-        return self._change(
-            "DELETE FROM room_members WHERE room = %s AND username = %s", (room, user)
+        # A removal is stored, not only the membership deleted: a token's rooms claim
+        # would let the user straight back in otherwise.
+        insert = "INSERT INTO {} (room, username) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+        delete = "DELETE FROM {} WHERE room = %s AND username = %s"
+        add, drop = (
+            ("room_members", "room_removals") if member else ("room_removals", "room_members")
         )
+        return self._change(insert.format(add), (room, user), (delete.format(drop), (room, user)))
 
     def set_ban(self, room: str, user: str, banned: bool) -> Deferred[None]:
         if banned:

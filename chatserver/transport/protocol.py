@@ -14,6 +14,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from chatserver import auth, wire
@@ -23,7 +24,22 @@ from chatserver.transport.outbound import Outbound
 
 log = Logger()
 
+# Seconds a peer that sent its close frame has to read our last frames before the
+# connection is aborted: one round trip and a close frame, with a wide margin.
+CLOSE_FLUSH_TIMEOUT = 5.0
+
 _STATUS_TEXT = {401: "Unauthorized", 403: "Forbidden", 429: "Too Many Requests"}
+
+# Labels of refused handshakes (``factory.rejected``, and the metric's ``reason``):
+# few and fixed whatever clients send, so a flood of distinct bad tokens can't grow
+# the metric by a series each. The detail (PyJWT's message, say) goes to the log.
+# ``timeout`` is the site's: a handshake that did not finish in time.
+ORIGIN = "origin"
+TIMEOUT = "timeout"
+REFUSED = "refused"  # a refusal of the core's with a status none of the others has
+# The core's refusals (``admission.Refused``), by HTTP status.
+_REFUSED_LABELS = {401: "expired", 403: "banned", 429: "too_many", 503: "unavailable"}
+REJECTION_LABELS = frozenset({*auth.LABELS, ORIGIN, TIMEOUT, REFUSED, *_REFUSED_LABELS.values()})
 
 
 _WebSocket = WebSocketServerProtocol
@@ -48,6 +64,10 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
     # Autobahn is reading a message's first frame (paid for with the whole
     # message, in Chat.handle); each later fragment is charged as it begins.
     _first_frame = False
+    # Autobahn is acting on the peer's close frame (see dropConnection).
+    _reading_close = False
+    # Closing with our last frames still being written: the abort if they never leave.
+    _flush_timer: IDelayedCall | None = None
 
     @property
     def user(self) -> str:
@@ -62,12 +82,13 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
     def onConnect(self, request: Any) -> Deferred[str | None]:
         return Deferred.fromCoroutine(self._admit(request))
 
-    def _deny(self, status: int, reason: str, address: str) -> ConnectionDeny:
-        self.factory.rejected[reason] += 1
+    def _deny(self, status: int, label: str, reason: str, address: str) -> ConnectionDeny:
+        self.factory.rejected[label if label in REJECTION_LABELS else REFUSED] += 1
         log.info(
-            "handshake from {address} refused ({status}): {reason}",
+            "handshake from {address} refused ({status}, {label}): {reason}",
             address=address,
             status=status,
+            label=label,
             reason=reason,
         )
         return ConnectionDeny(status, _STATUS_TEXT.get(status, "Refused"))
@@ -79,15 +100,16 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
             getattr(peer, "host", ""), request.headers.get("x-forwarded-for")
         )
         if not factory.origins.allows(request.headers.get("origin")):
-            raise self._deny(403, "origin not allowed", address)
+            raise self._deny(403, ORIGIN, "origin not allowed", address)
         try:
             identity = factory.authenticator.authenticate(request.params)
         except auth.AuthError as e:
-            raise self._deny(e.status, e.reason, address) from None
+            raise self._deny(e.status, e.label, e.reason, address) from None
         try:
             session = await factory.chat.admit(identity, address)
         except Refused as e:
-            raise self._deny(e.status, e.reason, address) from None
+            label = _REFUSED_LABELS.get(e.status, REFUSED)
+            raise self._deny(e.status, label, e.reason, address) from None
         if self.gone:
             # Hung up while the core checked: its slot is free again, nothing else to undo.
             factory.chat.close(session)
@@ -149,6 +171,10 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
 
     def connectionLost(self, reason: Any) -> None:
         self.gone = True
+        if self._flush_timer is not None:
+            if self._flush_timer.active():
+                self._flush_timer.cancel()
+            self._flush_timer = None
         super().connectionLost(reason)
         self._end_session()  # also when Autobahn skips onClose for a half-done handshake
 
@@ -185,10 +211,37 @@ class ChatProtocol(Outbound, WebSocketServerProtocol):
         else:
             super().sendData(data, sync, chopsize)
 
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        self._reading_close = True
+        try:
+            return super().onCloseFrame(code, reasonRaw)
+        finally:
+            self._reading_close = False
+
     def dropConnection(self, abort: bool = False) -> None:
+        if abort and self._reading_close and self.wasClean:
+            # The peer's close frame ended the handshake, and Autobahn aborts. When that
+            # frame was itself invalid, our answer (1002, 1007) was written only just
+            # now, and an abort would throw it away: the peer would see a TCP reset
+            # instead of the close frame RFC 6455 (7.1.7) asks for. So it ends like a
+            # clean close: what is written goes first, then a FIN; a peer that stops
+            # reading has CLOSE_FLUSH_TIMEOUT to take it before the abort after all.
+            abort = False
+            self._flush_timer = self.factory.clock.callLater(
+                CLOSE_FLUSH_TIMEOUT, self._abort_unflushed
+            )
+        elif abort and self.state == self.STATE_CLOSED and not self.gone:
+            # Closing already (see above), but told to abort now (the drain's deadline).
+            self.transport.abortConnection()
+            return
         if not abort:
             self.hand_over()  # a clean close: what is queued (our close frame too) goes first
         super().dropConnection(abort)
+
+    def _abort_unflushed(self) -> None:
+        self._flush_timer = None
+        if not self.gone:
+            self.transport.abortConnection()
 
     def stop_reading(self) -> None:
         self.transport.pauseProducing()  # a TCP (or TLS) transport: stops reading
