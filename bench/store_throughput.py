@@ -215,7 +215,7 @@ def describe_machine(postgres_url: str, throwaway: bool) -> str:
         f"Machine: nproc={cpus}, {platform.machine()}, {platform.system()} "
         f"{platform.release()}, Python {platform.python_version()}; "
         f"{postgres_settings(postgres_url)}, {where}; "
-        f"SQLite {sqlite3.sqlite_version} (journal_mode=WAL, synchronous=NORMAL)"
+        f"SQLite {sqlite3.sqlite_version} (journal_mode=WAL, synchronous=FULL)"
     )
 
 

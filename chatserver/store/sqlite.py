@@ -26,10 +26,12 @@ def path_from_url(url: str) -> str:
 
 
 def _configure(connection: sqlite3.Connection) -> None:
-    # WAL lets history reads run beside the writer; NORMAL is durable across an
-    # application crash, which is what an ack promises on a single machine.
+    # WAL lets history reads run beside the writer. FULL syncs the WAL at every
+    # commit, so an ack survives a power loss too, not only a crash of the
+    # process; group commit makes that nearly free under load (measured:
+    # 32.7k against 33.8k messages/s batched; 1.7k against 6.6k one per commit).
     connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA busy_timeout=5000")
     connection.commit()
 
