@@ -9,6 +9,11 @@ prints a markdown table and kills what it started, even on errors.
     python bench/cross_instance.py [--store sqlite|postgres] [--rooms 10]
         [--members 100] [--rate 2000] [--seconds 10]
 
+``--workers N`` runs each chatserver instance as a supervisor with N worker
+processes on its port (``workers = N``); its CPU is then the sum over the
+supervisor and its workers. With ``--no-pin`` nothing is pinned, which is how
+N workers can use more than one core (the generator then shares them).
+
 ``--redis-cluster`` puts a throwaway Redis Cluster (3 masters, 3 replicas) in
 place of the one Redis: rooms then use sharded pub/sub, spread over the masters
 by slot. Run the script with and without it to compare deliveries/s, p99 and
@@ -191,6 +196,38 @@ def cpu_seconds(pid: int) -> float:
         fields = fh.read().rsplit(")", 1)[1].split()
     # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants, from /proc (a supervisor and its workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def redis_cpu(redis: Any) -> float:
+    """CPU seconds of the Redis server, or of every node of a Redis Cluster."""
+    nodes = getattr(redis, "nodes", None) or [redis]
+    total = 0.0
+    for node in nodes:
+        pid = getattr(node, "pid", None)
+        if pid:
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(pid)
+    return total
 
 
 def cpu_times() -> dict[str, tuple[float, float]]:
@@ -642,13 +679,14 @@ class Instance:
                 start_new_session=True,
             )
 
-    def wait_listening(self, timeout: float) -> None:
-        """The server logs 'open http://localhost:PORT/' once it accepts connections."""
+    def wait_listening(self, timeout: float, workers: int = 1) -> None:
+        """The server logs 'open http://localhost:PORT/' once it accepts connections
+        (each worker once, with several)."""
         assert self.proc is not None
         marker = f"open http://localhost:{self.port}/"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if marker in self.log.read_text(errors="replace"):
+            if self.log.read_text(errors="replace").count(marker) >= workers:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(
@@ -665,9 +703,13 @@ class Instance:
             return "<no log>"
 
     def cpu(self) -> float:
-        """CPU seconds used so far."""
+        """CPU seconds used so far by the server and its live worker processes."""
         assert self.proc is not None
-        return cpu_seconds(self.proc.pid)
+        total = 0.0
+        for pid in process_tree(self.proc.pid):
+            with contextlib.suppress(OSError):  # a process that just ended
+                total += cpu_seconds(pid)
+        return total
 
     def health(self) -> str:
         """/healthz, to see e.g. the store queue after the run."""
@@ -858,6 +900,7 @@ def report(
             f" + senders {sd['cpu'] * 100:.0f}%)",
         ),
         ("server A CPU (senders)", f"{server_cpu['A'] * 100:.0f}%"),
+        ("Redis CPU (all its processes)", f"{server_cpu['redis'] * 100:.0f}%"),
         ("server B CPU (members)", f"{server_cpu['B'] * 100:.0f}%" if args.instances > 1 else "-"),
         (
             "server CPU per delivery, A+B (us)",
@@ -877,6 +920,7 @@ def report(
     broker = "redis-cluster(3 masters)" if args.redis_cluster else "redis"
     head = (
         f"server={args.server} broker={broker} instances={args.instances}"
+        f" workers={args.workers}"
         f" store={args.store if args.server in ('chatserver', 'channels') else '-'}"
         f" rooms={args.rooms}"
         f" members={args.members} rate={args.rate:g}/s "
@@ -946,7 +990,7 @@ def run(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     servers = importlib.import_module("servers")
 
-    pin = can_pin()
+    pin = can_pin() and not args.no_pin
     connections = args.rooms * (args.members + 1)
     raise_fd_limit(connections + 4096)
     root = Path(tempfile.mkdtemp(prefix="chatbench-"))
@@ -983,6 +1027,8 @@ def run(args: argparse.Namespace) -> int:
 
         # The caller's CHATSERVER_* variables win, so any setting can be tried.
         env = {**SERVER_ENV, **os.environ}
+        if args.workers > 1:
+            env["CHATSERVER_WORKERS"] = str(args.workers)
         if args.redis_cluster:
             env["CHATSERVER_REDIS_CLUSTER"] = ",".join(redis.seed_urls())
         for name in ("A", "B")[: args.instances]:
@@ -991,7 +1037,7 @@ def run(args: argparse.Namespace) -> int:
             inst.start(pinned(argv, 0, pin), env)
             instances.append(inst)
         for inst in instances:
-            inst.wait_listening(SERVER_START_TIMEOUT)
+            inst.wait_listening(SERVER_START_TIMEOUT, args.workers)
         a, b = instances[0], instances[-1]  # one instance: senders and members share it
 
         budget = CONNECT_TIMEOUT + WARMUP + args.seconds + args.drain + 15
@@ -1013,6 +1059,7 @@ def run(args: argparse.Namespace) -> int:
                 "t": time.monotonic(),
                 "A": a.cpu(),
                 "B": b.cpu() if b is not a else 0.0,
+                "redis": redis_cpu(redis),
                 "cpus": cpu_times(),
             }
 
@@ -1047,7 +1094,7 @@ def run(args: argparse.Namespace) -> int:
         assert m is not None and sd is not None
         wall = samples["measure_end"]["t"] - samples["measure_start"]["t"]
         first, last = samples["measure_start"], samples["measure_end"]
-        server_cpu = {n: (last[n] - first[n]) / wall for n in ("A", "B")}
+        server_cpu = {n: (last[n] - first[n]) / wall for n in ("A", "B", "redis")}
         for cpu in ("cpu0", "cpu1"):
             if cpu in first["cpus"] and cpu in last["cpus"]:
                 busy = last["cpus"][cpu][0] - first["cpus"][cpu][0]
@@ -1097,6 +1144,12 @@ def main() -> int:
         action="store_true",
         help="a throwaway 3-master Redis Cluster (sharded pub/sub) instead of one Redis",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes per chatserver instance"
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="pin nothing (servers and generator share the CPUs)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep logs and databases")
     parser.add_argument("--_generator", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1104,6 +1157,8 @@ def main() -> int:
         role, spec = args._generator
         run_generator(role, json.loads(spec))
         return 0
+    if args.workers < 1 or (args.workers > 1 and args.server != "chatserver"):
+        parser.error("--workers is a positive number, for chatserver only")
     if args.server != "chatserver":
         args.instances = 1
         if args.redis_cluster:
