@@ -61,6 +61,7 @@ from twisted.python.failure import Failure
 
 from chatserver.broker import ControlHandler, MessagesHandler, ResyncHandler
 from chatserver.broker.cluster_slots import SLOTS, Node, SlotMap, key_slot
+from chatserver.broker.events import BrokerEvents
 from chatserver.broker.redis_url import parse_redis_url
 from chatserver.broker.resp import (
     AskError,
@@ -312,11 +313,16 @@ class _Probe:
         return None
 
 
-class RedisClusterBroker:
+class RedisClusterBroker(BrokerEvents):
     """The Broker over a Redis Cluster with sharded pub/sub (see chatserver.broker.Broker).
 
     ``fast_paths`` is accepted for the same signature as RedisBroker and not
     used: nothing here reaches into a library's internals.
+
+    Cluster events (``observe``): ``map`` (masters count), ``subscribed``
+    (channel), ``publisher`` and ``subscriber`` (node, connection ready),
+    ``lost`` (role), ``unsubscribed`` (channel, by Redis), ``resync``,
+    ``unanswered`` (no node gave a slot map; the last error).
     """
 
     def __init__(self, config: Config, reactor: Any, fast_paths: Any = None) -> None:
@@ -465,20 +471,6 @@ class RedisClusterBroker:
     def stop(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
-    def observe(self, callback: Callable[[str, Any], None]) -> None:
-        """Call ``callback(event, detail)`` on cluster events (for tests and logs).
-
-        Events: ``map`` (masters count), ``subscribed`` (channel), ``publisher``
-        and ``subscriber`` (node, connection ready), ``lost`` (role),
-        ``unsubscribed`` (channel, by Redis), ``resync``, ``unanswered`` (no
-        node gave a slot map; the last error).
-        """
-        self._observers.append(callback)
-
-    def _event(self, event: str, detail: Any = None) -> None:
-        for callback in list(self._observers):
-            callback(event, detail)
-
     # -- state ------------------------------------------------------------------
 
     @property
@@ -495,21 +487,6 @@ class RedisClusterBroker:
         if self._map is None or self._confirmed != len(self._wanted):
             return False
         return all(link.pub.proto is not None for link in self._links.values() if link.confirmed)
-
-    def when_connected(self) -> Deferred[None]:
-        """Fires once every wanted channel is confirmed and its masters take publishes."""
-        d: Deferred[None] = Deferred()
-        if self.connected:
-            d.callback(None)
-            return d
-
-        def check(event: str, detail: Any) -> None:
-            if self.connected and not d.called:
-                self._observers.remove(check)
-                d.callback(None)
-
-        self._observers.append(check)
-        return d
 
     def live_connections(self) -> int:
         return sum(

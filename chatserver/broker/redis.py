@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatserver.broker import ControlHandler, MessagesHandler, ResyncHandler
+from chatserver.broker.events import BrokerEvents
 from chatserver.broker.redis_connection import (
     PUBLISHER,
     SUBSCRIBER,
@@ -65,13 +66,16 @@ class RedisTLSUnavailable(ValueError):
     """rediss:// cannot be used safely with the installed txredisapi."""
 
 
-class RedisBroker:
+class RedisBroker(BrokerEvents):
     """The Broker over Redis (see chatserver.broker.Broker).
 
     ``fast_paths`` decides which of txredisapi's internals the connections
     reach into (chatserver.compat.txredisapi); the protocol classes are built
     once here from what is enabled. Without a fast path, that part is
     txredisapi's own behaviour.
+
+    Connection events (``observe``): ``subscribed`` (rooms count),
+    ``publisher``, ``lost`` (role), ``restart``.
     """
 
     def __init__(self, config: Config, reactor: Any, fast_paths: FastPaths) -> None:
@@ -164,18 +168,6 @@ class RedisBroker:
     def stop(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
-    def observe(self, callback: Callable[[str, Any], None]) -> None:
-        """Call ``callback(event, detail)`` on connection events (for tests and logs).
-
-        Events: ``subscribed`` (rooms count), ``publisher``, ``lost`` (role),
-        ``restart``.
-        """
-        self._observers.append(callback)
-
-    def _event(self, event: str, detail: Any = None) -> None:
-        for callback in list(self._observers):
-            callback(event, detail)
-
     @property
     def subscribed_rooms(self) -> int:
         return len(self._rooms)
@@ -197,21 +189,6 @@ class RedisBroker:
             for conn in f.live
             if conn.connected
         )
-
-    def when_connected(self) -> Deferred[None]:
-        """Fires once the subscriber has (re)subscribed and a publisher is up."""
-        d: Deferred[None] = Deferred()
-        if self.connected:
-            d.callback(None)
-            return d
-
-        def check(event: str, detail: Any) -> None:
-            if self.connected and not d.called:
-                self._observers.remove(check)
-                d.callback(None)
-
-        self._observers.append(check)
-        return d
 
     def sync(self) -> Deferred[Any]:
         """A PING on the subscriber: fires once Redis has done every (UN)SUBSCRIBE sent before."""
