@@ -8,10 +8,10 @@ into metric families only when /metrics is fetched.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
@@ -228,14 +228,20 @@ def _cluster_metrics(broker: object) -> Iterator[Metric]:
     )
 
 
+def registry(server: ChatServerService) -> CollectorRegistry:
+    """The one registry of a server: /metrics and the workers' channel both read it."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ServerCollector(server))
+    return reg
+
+
 class MetricsResource(Resource):
     isLeaf = True
 
-    def __init__(self, server: ChatServerService) -> None:
+    def __init__(self, text: Callable[[], bytes]) -> None:
         super().__init__()
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(ServerCollector(server))
+        self._text = text
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self._registry)
+        return self._text()

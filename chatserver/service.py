@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
@@ -40,7 +40,7 @@ from chatserver.compat import FastPaths
 from chatserver.config import Config
 from chatserver.delivery import Delivery
 from chatserver.gcstats import GCPauses
-from chatserver.metrics import MetricsResource, ServerCollector
+from chatserver.metrics import MetricsResource, registry
 from chatserver.rooms import RoomRegistry
 from chatserver.store.open import open_store, prepare
 from chatserver.transport import CLOSE_GOING_AWAY
@@ -153,15 +153,14 @@ class ChatServerService(MultiService):
         )
         self.chat = Chat(config, self.store, self.registry, self.broker, self.delivery, clock)
         self.factory = ChatFactory(config, clock, self.chat, self.fast_paths)
-        self._metrics_registry = CollectorRegistry(auto_describe=False)
-        self._metrics_registry.register(ServerCollector(self))
+        self._metrics_registry = registry(self)
         self.whole = whole(self) if whole is not None else None
         healthz: Resource
         metrics: Resource
         if self.whole is None:
             healthz = JSONResource(self.health)
             readyz = AsyncJSONResource(self.readiness)
-            metrics = MetricsResource(self)
+            metrics = MetricsResource(self.metrics_text)
         else:
             answered_by = {b"x-chatserver-worker": str(self.whole.index).encode()}
             healthz = AsyncJSONResource(self.whole.health)
