@@ -126,19 +126,14 @@ def fast_generator() -> bool:
     return True
 
 
-C_MEMBERS_SOURCE = HERE / "c_members.c"
-C_MEMBERS_BINARY = HERE / ".build" / "c_members"
+C_GENERATOR_SOURCE = HERE / "c_generator.c"
+C_GENERATOR_BINARY = HERE / ".build" / "c_generator"
 
 
 @functools.cache  # one build (or one failed attempt) per run
-def c_members() -> Path | None:
-    """The members generator in C (bench/c_members.c), built on first use; None without cc.
-
-    ``CHATBENCH_MEMBERS=python`` keeps the Python members, to compare generators.
-    """
-    if os.environ.get("CHATBENCH_MEMBERS") == "python":
-        return None
-    binary, source = C_MEMBERS_BINARY, C_MEMBERS_SOURCE
+def c_binary() -> Path | None:
+    """bench/c_generator.c, built on first use; None without cc or if it does not build."""
+    binary, source = C_GENERATOR_BINARY, C_GENERATOR_SOURCE
     if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
         return binary
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -146,20 +141,31 @@ def c_members() -> Path | None:
         return None
     binary.parent.mkdir(exist_ok=True)
     built = subprocess.run(
-        [cc, "-O2", "-o", str(binary), str(source), "-lm"],
+        [cc, "-O2", "-Wall", "-o", str(binary), str(source), "-lm"],
         capture_output=True,
         text=True,
         check=False,
     )
     if built.returncode != 0:
-        print(f"bench/c_members.c did not build, using Python members:\n{built.stderr}")
+        print(f"bench/c_generator.c did not build, using the Python generator:\n{built.stderr}")
         return None
     return binary
 
 
+def c_generator(role: str) -> Path | None:
+    """The C generator for ``role`` ('members' or 'senders'); None means Python.
+
+    ``CHATBENCH_MEMBERS=python`` or ``CHATBENCH_SENDERS=python`` keeps that role in
+    Python, to compare generators.
+    """
+    if os.environ.get(f"CHATBENCH_{role.upper()}") == "python":
+        return None
+    return c_binary()
+
+
 def generator_name(role: str) -> str:
     """Which generator plays ``role`` in this run, for the report."""
-    if role == "members" and c_members() is not None:
+    if c_generator(role) is not None:
         return "C (epoll)"
     return "picows" if fast_generator() else "autobahn"
 
@@ -763,9 +769,9 @@ class Generator:
         self._buffer = b""
         self.events: set[str] = set()
         self.result: dict[str, Any] | None = None
-        c_binary = c_members() if role == "members" else None
-        if c_binary is not None:
-            argv = [str(c_binary), role]
+        c_path = c_generator(role)
+        if c_path is not None:
+            argv = [str(c_path), role]
         elif fast:  # picows + uvloop (bench/requirements.txt)
             argv = [sys.executable, str(HERE / "fast_generator.py"), role]
         else:
