@@ -1,4 +1,4 @@
-"""A committed batch leaves in one write per connection and room, in order, acks first.
+"""A committed batch leaves in one write per connection, in order, acks first.
 
 The batch is made real: a lock held on the room's row in Postgres stops the
 first transaction, the sends behind it queue, and all of them commit together
@@ -37,10 +37,14 @@ async def test_a_batch_reaches_each_connection_in_one_write_in_order(make_server
     try:
         locker.cursor().execute("SELECT 1 FROM rooms WHERE name = 'room' FOR UPDATE")
         n = 20
-        for i in range(1, n + 1):
+        # The first send's transaction starts (at the end of its reactor turn) and
+        # waits on the lock; frames are handled in order, so once the pong is back
+        # it is in flight, and once the second pong is back the other n - 1 sends
+        # are queued behind it (nothing is acked yet).
+        sender.send({"type": "send", "room": "room", "body": "m1", "ref": 1})
+        assert await sender.drain_to_pong() == []
+        for i in range(2, n + 1):
             sender.send({"type": "send", "room": "room", "body": f"m{i}", "ref": i})
-        # Frames are handled in order: once the pong is back, all n sends are queued
-        # behind the transaction the lock holds (nothing is acked yet).
         assert await sender.drain_to_pong() == []
         before = server.coalesced_frames
     finally:
@@ -58,9 +62,10 @@ async def test_a_batch_reaches_each_connection_in_one_write_in_order(make_server
     ]
     for m in members:
         assert [(await m.recv())["id"] for _ in range(n)] == list(range(2, n + 2))
-    # The batch's n - 1 acks to the sender, and its n - 1 messages to each of the
-    # three in the room, each left in one write.
-    assert server.coalesced_frames - before == (n - 1) * (1 + 3)
+    # The first send's ack and message left the sender in one write (2 frames); the
+    # batch's n - 1 acks with its n - 1 messages to the sender in one write, and its
+    # n - 1 messages to each of the two others in one write each.
+    assert server.coalesced_frames - before == 2 + (n - 1) * (1 + 3)
     code, body = await http_get(server.port, "/metrics")
     assert code == 200
     assert f"chatserver_frames_coalesced_total {float(server.coalesced_frames)}" in body.decode()
