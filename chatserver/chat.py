@@ -460,10 +460,7 @@ class Chat:
     def _stored(self, message: StoredMessage, session: Session, frame: wire.Send) -> None:
         # The ack goes out before the message itself reaches anyone.
         if session.open:
-            self._send_frame(
-                session,
-                wire.reply("ack", frame.ref, room=message.room, id=message.id, ts=message.ts),
-            )
+            self._send_frame(session, wire.ack(frame.ref, message.room, message.id, message.ts))
         self.registry.publish(message)
 
     def _not_stored(self, failure: Failure, session: Session, frame: wire.Send) -> None:

@@ -227,8 +227,26 @@ def message_dict(room: str, id: int, user: str, body: str, ts: int) -> dict[str,
     return {"room": room, "id": id, "user": user, "body": body, "ts": ts}
 
 
+# The two frames every message costs, formatted directly: the same bytes as
+# ``encode`` of their dicts, at a third of the cost (strings still go through
+# the encoder, which escapes them; ints are formatted).
+_string = _ENCODER.encode
+
+
 def encode_message(room: str, id: int, user: str, body: str, ts: int) -> bytes:
-    return encode({"type": "message", **message_dict(room, id, user, body, ts)})
+    return (
+        f'{{"type":"message","room":{_string(room)},"id":{id},'
+        f'"user":{_string(user)},"body":{_string(body)},"ts":{ts}}}'
+    ).encode()
+
+
+def ack(ref: str | int | None, room: str, id: int, ts: int) -> bytes:
+    """``reply("ack", ref, room=room, id=id, ts=ts)``, byte for byte."""
+    head = f'{{"type":"ack","room":{_string(room)},"id":{id},"ts":{ts}'
+    if ref is None:
+        return (head + "}").encode()
+    ref_text = str(ref) if type(ref) is int else _string(ref)
+    return f'{head},"ref":{ref_text}}}'.encode()
 
 
 def text_frame(payload: bytes) -> bytes:
