@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from chatserver.compat import FastPaths
 from chatserver.compat.txredisapi import (
     CHECKS,
+    HELD_MAX,
     INLINE_BULK,
     PUBLISH,
     PUSH,
@@ -149,6 +150,57 @@ def test_a_message_cut_short_waits_for_its_end(fast_paths):
     assert conn.got == []
     conn.feed(whole[-10:] + message(b"c", b"y"))
     assert conn.got == [(b"c", b"x" * 100), (b"c", b"y")]
+
+
+def test_reads_that_end_anywhere_keep_every_message_on_the_fast_path():
+    # Under load a read ends wherever the socket buffer did: the message it cut
+    # is held for the next read, so txredisapi's parser never takes over.
+    payloads = [b'%d {"body":"\\r\\n $3 *3"}' % i for i in range(6)]
+    burst = b"".join(message(b"chat:0:room:r", p) for p in payloads)
+    for first in range(len(burst) + 1):
+        for second in (first, (first + len(burst)) // 2):
+            fast = FastPaths(True, CHECKS)
+            conn = subscriber(fast)
+            for piece in (burst[:first], burst[first:second], burst[second:]):
+                conn.proto.dataReceived(piece)
+            assert conn.got == [(b"chat:0:room:r", p) for p in payloads], (first, second)
+            assert conn.proto.lines == 0, (first, second)
+            assert fast.runs[PUSH] == len(payloads)
+
+
+def test_a_held_message_that_turns_out_otherwise_goes_to_txredisapi(fast_paths):
+    # "*3\r\n$" starts a message and a subscribe confirmation alike.
+    confirm = b"*3\r\n$9\r\nsubscribe\r\n$1\r\nd\r\n:2\r\n"
+    data = message(b"c", b"1") + confirm + message(b"c", b"2")
+    for cut in range(len(data) + 1):
+        conn = subscriber(fast_paths)
+        conn.feed(data[:cut])
+        conn.feed(data[cut:])
+        assert conn.got == [(b"c", b"1"), (b"c", b"2")], cut
+        assert conn.proto.replies == [[b"subscribe", b"d", 2]], cut
+
+
+def test_integer_replies_cut_anywhere_skip_the_line_parser():
+    replies = b":1\r\n:10\r\n:200\r\n"
+    for cut in range(len(replies) + 1):
+        fast = FastPaths(True, CHECKS)
+        conn = publisher(fast)
+        got: list[Any] = []
+        for _ in range(3):
+            conn.proto.publish(b"c", b"x").addCallback(got.append)
+        conn.proto.dataReceived(replies[:cut])
+        conn.proto.dataReceived(replies[cut:])
+        assert got == [1, 10, 200], cut
+        assert conn.proto.lines == 0, cut
+
+
+def test_a_held_reply_is_bounded():
+    # A length past HELD_MAX is not waited for here: txredisapi's parser takes it.
+    conn = subscriber(FastPaths(True, CHECKS))
+    head = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$%d\r\n" % (HELD_MAX + 10)
+    conn.proto.dataReceived(head + b"x" * (HELD_MAX - len(head) + 1))
+    assert conn.proto.lines > 0
+    assert conn.proto._held == b""
 
 
 def test_pipelined_bulk_replies_resolve_in_order(fast_paths):

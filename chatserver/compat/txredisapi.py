@@ -119,30 +119,57 @@ def parser_idle(proto: Any) -> bool:
     )
 
 
+# A reply cut short at the end of a read is held for the next one up to this
+# size; past it, or once it can't be one of ours, txredisapi's parser takes it.
+HELD_MAX = 1 << 20
+
+
 class SlicedReplies:
     """The common replies are cut out of a read by slicing, the rest parsed by txredisapi.
 
     Slicing starts only while txredisapi's parser is idle, and stops at the
     first byte it does not recognise as a whole reply of its kind: from there
-    on txredisapi reads, as before. txredisapi's own re-entries
-    (``unpause``) go straight to it: it resumes the socket it paused.
+    on txredisapi reads, as before. A reply of its kind that the read cut
+    short is held and read again in front of the next read: handed to
+    txredisapi, it left the parser busy, and a busy parser kept every later
+    read off the fast path, so under load (where reads end anywhere) most
+    messages went the slow way. txredisapi's own re-entries (``unpause``) go
+    straight to it: it resumes the socket it paused.
     """
 
     connected: int
     fast_path_runs: Counter[str]
     _after_bulk = b""
+    _held = b""
 
-    def _take(self, data: bytes) -> int:
-        """Handle the whole replies at the start of ``data``; return the bytes used."""
+    def _take(self, data: bytes) -> tuple[int, bool]:
+        """Handle the whole replies at the start of ``data``; return the bytes used,
+        and whether what is left is the start of one more (cut short by the read)."""
         raise NotImplementedError
 
     def dataReceived(self, data: bytes, unpause: bool = False) -> Any:
+        if self._held:
+            data, self._held = self._held + data, b""
         if unpause or not parser_idle(self):
             return super().dataReceived(data, unpause)  # type: ignore[misc]
-        pos = self._take(data)
+        pos, cut_short = self._take(data)
         if pos == len(data) or (pos and not self.connected):
             return None
+        if cut_short and len(data) - pos <= HELD_MAX:
+            self._held = data[pos:]
+            return None
         return super().dataReceived(data[pos:] if pos else data, unpause)  # type: ignore[misc]
+
+
+def _cut_short(data: bytes, pos: int, head: bytes) -> bool:
+    """``data[pos:]`` is shorter than ``head`` and could still become it."""
+    return len(data) - pos < len(head) and head.startswith(data[pos:])
+
+
+def _number_so_far(rest: bytes) -> bool:
+    """``rest`` could be the start of a length or an integer and its CRLF."""
+    digits = rest[:-1] if rest.endswith(b"\r") else rest
+    return not digits or digits.isdigit()
 
 
 class SlicedPushes(SlicedReplies):
@@ -157,31 +184,42 @@ class SlicedPushes(SlicedReplies):
     def pushes_received(self, pushes: Pushes) -> None:
         raise NotImplementedError
 
-    def _take(self, data: bytes) -> int:
-        if not data.startswith(_PUSH_HEAD):
-            return 0
+    def _take(self, data: bytes) -> tuple[int, bool]:
         pushes: Pushes = []
         pos = 0
-        while data.startswith(_PUSH_HEAD, pos):
+        cut_short = False
+        n = len(data)
+        while True:
+            if not data.startswith(_PUSH_HEAD, pos):
+                cut_short = _cut_short(data, pos, _PUSH_HEAD)
+                break
             i = pos + len(_PUSH_HEAD)
             j = data.find(b"\r\n", i)
-            if j < 0 or not data[i:j].isdigit():
-                break  # cut short, or not a length
+            if j < 0:
+                cut_short = _number_so_far(data[i:])
+                break
+            if not data[i:j].isdigit():
+                break  # not a length: txredisapi's to judge
             channel_end = j + 2 + int(data[i:j])
             if data[channel_end : channel_end + 3] != b"\r\n$":
+                cut_short = channel_end + 3 > n and b"\r\n$".startswith(data[channel_end:])
                 break
             k = data.find(b"\r\n", channel_end + 3)
-            if k < 0 or not data[channel_end + 3 : k].isdigit():
+            if k < 0:
+                cut_short = _number_so_far(data[channel_end + 3 :])
+                break
+            if not data[channel_end + 3 : k].isdigit():
                 break
             payload_end = k + 2 + int(data[channel_end + 3 : k])
             if data[payload_end : payload_end + 2] != b"\r\n":
+                cut_short = payload_end + 2 > n and b"\r\n".startswith(data[payload_end:])
                 break
             pos = payload_end + 2
             pushes.append((data[j + 2 : channel_end], data[k + 2 : payload_end]))
         if pushes:
             self.fast_path_runs[PUSH] += len(pushes)
             self.pushes_received(pushes)
-        return pos
+        return pos, cut_short and pos < n
 
 
 class SlicedPublish(SlicedReplies):
@@ -218,15 +256,17 @@ class SlicedPublish(SlicedReplies):
         self.reply_expected(d)
         return d
 
-    def _take(self, data: bytes) -> int:
+    def _take(self, data: bytes) -> tuple[int, bool]:
         pos = 0
         while data.startswith(b":", pos):  # an integer reply
             eol = data.find(b"\r\n", pos)
-            if eol < 0 or not data[pos + 1 : eol].isdigit():
+            if eol < 0:
+                return pos, _number_so_far(data[pos + 1 :])
+            if not data[pos + 1 : eol].isdigit():
                 break
             self.replyQueue.put(int(data[pos + 1 : eol]))
             pos = eol + 2
-        return pos
+        return pos, False
 
 
 # -- building the protocol classes ---------------------------------------------
