@@ -37,6 +37,7 @@ from chatserver.broker import Broker
 from chatserver.broker.memory import MemoryBroker, MemoryHub
 from chatserver.chat import Chat
 from chatserver.compat import FastPaths
+from chatserver.compat import twisted as twisted_compat
 from chatserver.config import Config
 from chatserver.delivery import Delivery
 from chatserver.gcstats import GCPauses
@@ -273,6 +274,8 @@ class ChatServerService(MultiService):
         super().startService()
         self.factory.start_pings()
         self.gc_pauses.install()
+        if self.fast_paths.on(twisted_compat.LEAN_POLL):
+            twisted_compat.install_lean_poll(self.reactor, self.fast_paths.runs)
         names = list(self.fast_paths.names())
         off = sorted(name for name in names if not self.fast_paths.on(name))
         self.log.info(
@@ -296,6 +299,8 @@ class ChatServerService(MultiService):
         self.draining = True
         self.factory.stop_pings()
         self.gc_pauses.uninstall()
+        if self.fast_paths.on(twisted_compat.LEAN_POLL):
+            twisted_compat.uninstall_lean_poll(self.reactor)
         await super().stopService()  # listeners stop accepting
         count = len(self.factory.connections)
         spread = self.config.drain_seconds if count > 1 else 0.0

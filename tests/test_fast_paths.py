@@ -24,6 +24,7 @@ SERVER_PATHS = (
     autobahn_compat.LEAN_CONNECTIONS,
     twisted_compat.DIRECT_WRITE,
     twisted_compat.LEAN_TRANSPORT,
+    twisted_compat.LEAN_POLL,
 )
 
 
@@ -52,6 +53,7 @@ async def test_every_fast_path_runs_when_on(make_server):
     assert runs[autobahn_compat.INBOUND_FRAMES] >= 5  # join, three sends, history
     assert runs[autobahn_compat.LEAN_CONNECTIONS] >= 2  # each connection as it opened
     assert server.factory.direct_writes > 0
+    assert runs[twisted_compat.LEAN_POLL] > 0  # the reactor polled without the log wrapper
     code, body = await http_get(server.port, "/metrics")
     text = body.decode()
     assert code == 200

@@ -1,4 +1,4 @@
-"""Twisted internals: a frame straight to the socket, and a lean transport.
+"""Twisted internals: a frame straight to the socket, a lean transport, a lean poll.
 
 ``write`` on a TCP transport buffers the data and registers for writability;
 the next loop pass sends and unregisters: two ``epoll_ctl`` calls around each
@@ -11,6 +11,7 @@ is buffered" needs three private attributes of ``twisted.internet.tcp``.
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -19,6 +20,9 @@ from twisted.internet import tcp
 DIRECT_WRITE = "direct_write"
 _STATE_OPEN = WebSocketProtocol.STATE_OPEN
 LEAN_TRANSPORT = "lean_transport"
+LEAN_POLL = "lean_poll"
+# What the lean poll reads on the epoll reactor.
+_POLL_STATE = ("_poller", "_selectables", "_doReadOrWrite")
 
 # What DirectWrite reads on a tcp.Connection, with the type it expects.
 _TRANSPORT_STATE = {
@@ -62,10 +66,57 @@ def check_lean_transport() -> list[str]:
             s.close()
 
 
+def check_lean_poll() -> list[str]:
+    from twisted.internet import epollreactor, reactor
+
+    if not isinstance(reactor, epollreactor.EPollReactor):
+        return [f"the epoll reactor ({type(reactor).__name__} is installed)"]
+    return [f"EPollReactor.{name}" for name in _POLL_STATE if not hasattr(reactor, name)]
+
+
 CHECKS = {
     DIRECT_WRITE: check_direct_write,
     LEAN_TRANSPORT: check_lean_transport,
+    LEAN_POLL: check_lean_poll,
 }
+
+
+def install_lean_poll(reactor: Any, runs: Counter[str]) -> None:
+    """Each ready socket handled without ``log.callWithLogger`` around it.
+
+    Twisted's ``doPoll`` wraps every event in a logging context (a dict copy
+    and two calls) so that legacy ``log.msg`` lines name the connection. We
+    log through ``twisted.logger``, which ignores that context, and with small
+    rooms a message is a read of its own: the wrapper was 3-5 % of the
+    reactor. ``_doReadOrWrite`` still catches, logs and disconnects. The
+    reactor's own ``doPoll`` comes back with ``uninstall_lean_poll``.
+    """
+    from twisted.internet import epollreactor
+
+    if not isinstance(reactor, epollreactor.EPollReactor):
+        return  # a wrapper (a test's, a worker's): its reactor polls as before
+    poller = reactor._poller
+    selectables = reactor._selectables
+    handle = reactor._doReadOrWrite
+
+    def doPoll(timeout: float | None) -> None:
+        try:
+            events = poller.poll(-1 if timeout is None else timeout, len(selectables))
+        except InterruptedError:
+            return
+        runs[LEAN_POLL] += 1
+        get = selectables.get
+        for fd, event in events:
+            selectable = get(fd)
+            if selectable is not None:
+                handle(selectable, fd, event)
+
+    reactor.doPoll = reactor.doIteration = doPoll
+
+
+def uninstall_lean_poll(reactor: Any) -> None:
+    for name in ("doPoll", "doIteration"):
+        reactor.__dict__.pop(name, None)
 
 
 def is_plain_tcp(transport: object) -> bool:
