@@ -40,8 +40,15 @@ class HeldPool:
         return [{room for room, _, _ in entries} for entries, _ in self.held]
 
 
-def store(pool: HeldPool, batch_max: int = 100, queue_max: int = 10_000) -> SQLStore:
-    return SQLStore(
+class Store(SQLStore):
+    """Appends take effect at the end of the reactor turn: ``turn`` ends it."""
+
+    def turn(self) -> None:
+        self._clock.advance(0)
+
+
+def store(pool: HeldPool, batch_max: int = 100, queue_max: int = 10_000) -> Store:
+    return Store(
         pool,  # type: ignore[arg-type]
         Dialect(),
         Clock(),
@@ -51,13 +58,30 @@ def store(pool: HeldPool, batch_max: int = 100, queue_max: int = 10_000) -> SQLS
     )
 
 
+def test_what_one_turn_appends_starts_in_one_transaction():
+    pool = HeldPool(size=1)
+    s = store(pool)
+    for room in ("a", "b", "c", "a"):
+        s.append(room, "u", "m")
+    assert pool.held == []  # not before the turn ends
+    s.turn()
+    assert [room for room, _, _ in pool.held[0][0]] == ["a", "a", "b", "c"]
+    s.append("d", "u", "m")  # the next turn's wait for the writer
+    s.turn()
+    assert len(pool.held) == 1 and s.queue_depth() == 1
+    pool.commit()
+    assert [room for room, _, _ in pool.held[0][0]] == ["d"]
+
+
 def test_a_busy_hot_room_does_not_hold_back_other_rooms():
     pool = HeldPool(size=2)
     s = store(pool, batch_max=5)
     s.append("hot", "u", "h0")  # first writer takes it alone
+    s.turn()
     for i in range(1, 50):
         s.append("hot", "u", f"h{i}")
     s.append("quiet", "u", "q0")
+    s.turn()
     # The second writer skips the busy hot room and takes the quiet one.
     assert pool.rooms_in_flight() == [{"hot"}, {"quiet"}]
     assert s.queue_depth() == 49
@@ -72,6 +96,7 @@ def test_a_room_is_never_in_two_transactions_and_keeps_its_order():
         s.append(room, "u", f"{room}{i}").addCallback(
             lambda m: acked.setdefault(m.room, []).append(m.id)
         )
+        s.turn()  # one message per turn: batches form only while writers are busy
     sent: dict[str, list[str]] = {}
     while pool.held:
         flights = pool.rooms_in_flight()
@@ -91,8 +116,10 @@ def test_rooms_are_served_oldest_first_and_a_batch_spans_rooms():
     pool = HeldPool(size=1)
     s = store(pool, batch_max=4)
     s.append("first", "u", "x")  # in flight alone
+    s.turn()
     for room in ("b", "c", "b", "d", "e", "c"):
         s.append(room, "u", "y")
+    s.turn()
     pool.commit()
     entries, _ = pool.held[0]
     assert [room for room, _, _ in entries] == ["b", "b", "c", "c"]
@@ -104,7 +131,9 @@ def test_the_queue_bound_counts_every_room():
     pool = HeldPool(size=1)
     s = store(pool, batch_max=10, queue_max=3)
     results = []
-    for room in ("a", "b", "c", "d", "e"):
+    s.append("a", "u", "m")
+    s.turn()
+    for room in ("b", "c", "d", "e"):
         s.append(room, "u", "m").addErrback(lambda f: f.value).addCallback(results.append)
     # "a" is in flight, three wait; the fifth is refused at once.
     assert s.queue_depth() == 3

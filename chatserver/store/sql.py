@@ -1,7 +1,8 @@
 """The SQL store shared by SQLite and Postgres: group commit, gap-free ids, history.
 
-Writes are queued and written in batches by the pool's threads: while one batch
-is being committed, new messages gather, and the next transaction takes all of
+Writes are queued and written in batches by the pool's threads: everything
+appended in one reactor turn starts in one transaction, and while one batch is
+being committed, new messages gather and the next transaction takes all of
 them at once. Throughput then grows with load instead of with connections, and
 the queue is bounded: past ``queue_max`` waiting messages, ``append`` fails with
 ``StoreUnavailable`` at once instead of growing a backlog.
@@ -15,7 +16,7 @@ from typing import Any
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -195,6 +196,7 @@ class SQLStore:
         self._in_flight = 0
         self._busy_rooms: set[str] = set()  # rooms with a batch in flight
         self._idle_waiters: list[Deferred[None]] = []
+        self._soon: IDelayedCall | None = None  # the kick at the end of this turn
         self._closed = False
         self.busy = 0  # interactions handed to the pool and not finished
         self._on_commit: CommitHandler = _fire_now
@@ -222,8 +224,18 @@ class SQLStore:
             waiting = self._rooms[room] = deque()
         waiting.append(_Pending(room, user, body, d))
         self._waiting += 1
-        self._kick()
+        if self._soon is None:
+            # At the end of this reactor turn, not now: started at the first
+            # append, a transaction carried that one message alone and the rest
+            # of the turn's waited for the next (with small rooms, a message is
+            # a read of its own, and a transaction per message cost more than
+            # the message). One call per turn, not per message.
+            self._soon = self._clock.callLater(0, self._kick_soon)
         return d
+
+    def _kick_soon(self) -> None:
+        self._soon = None
+        self._kick()
 
     def queue_depth(self) -> int:
         return self._waiting
@@ -329,6 +341,13 @@ class SQLStore:
     # -- reads, and changes that are safe to run twice ---------------------------
 
     def _run(self, interaction: Callable[..., Any], *args: Any) -> Deferred:
+        if self._soon is not None:
+            # Appends of this turn go to the pool first, as they did when each
+            # started at once: a history page asked right after a send (by a
+            # client pipelining them) still includes it on one connection.
+            self._soon.cancel()
+            self._kick_soon()
+
         def run(txn: Any) -> Any:
             try:
                 return interaction(txn, *args)
