@@ -158,3 +158,16 @@ async def test_garbage_collection_pauses_are_counted(server):
     after = await metrics(server.port)
     assert after[key] >= before[key] + 1
     assert after[("chatserver_gc_pause_seconds_total", (("generation", "2"),))] > 0
+
+
+@ensure
+async def test_the_collector_runs_less_often_while_serving_and_as_before_after(make_server):
+    import gc
+
+    from chatserver.gcstats import THRESHOLDS
+
+    found = gc.get_threshold()
+    server = make_server()
+    assert gc.get_threshold() == THRESHOLDS != found
+    await server.stopService()
+    assert gc.get_threshold() == found
