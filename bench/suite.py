@@ -79,7 +79,8 @@ def run_one(
     if None in (delivered, latency, lost, gen, cpu, sent):
         sys.stderr.write(f"{server} at {rate}/s: no result\n{out[-2000:]}\n{done.stderr[-2000:]}\n")
         return None
-    p50, _, p99, _ = (float(v) for v in latency.split(" / "))
+    # "-": no message arrived in the window at all (a server that fell over).
+    p50, _, p99, _ = (float(v) if v.strip() != "-" else float("inf") for v in latency.split(" / "))
     GENERATORS.add(grab(r"generator: (members [^\n]+)") or "unknown")
     return {
         "rate": rate,
