@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from chatserver import wire
-from chatserver.web import HTTP_REFUSALS
+from chatserver.web import HTTP_REFUSALS, GetOnly
 
 if TYPE_CHECKING:
     from chatserver.service import ChatServerService
@@ -235,9 +234,7 @@ def registry(server: ChatServerService) -> CollectorRegistry:
     return reg
 
 
-class MetricsResource(Resource):
-    isLeaf = True
-
+class MetricsResource(GetOnly):
     def __init__(self, text: Callable[[], bytes]) -> None:
         super().__init__()
         self._text = text

@@ -395,9 +395,23 @@ class UpgradeResource(WebSocketResource):
         return result
 
 
-class JSONResource(Resource):
+class GetOnly(Resource):
+    """A resource that answers GET (and HEAD, as twisted.web does). Another method
+    gets a plain 405 with ``Allow`` here: twisted.web's own answer is an HTML page
+    built by a class it deprecated."""
+
     isLeaf = True
 
+    def render(self, request: Request) -> bytes | int:
+        if request.method in (b"GET", b"HEAD"):
+            return super().render(request)
+        request.setResponseCode(405)
+        request.setHeader(b"allow", b"GET, HEAD")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"method not allowed: GET or HEAD only\n"
+
+
+class JSONResource(GetOnly):
     def __init__(self, status: Callable[[], tuple[int, dict[str, Any]]]) -> None:
         super().__init__()
         self._status = status
@@ -436,7 +450,7 @@ def _respond_later(
     return NOT_DONE_YET
 
 
-class AsyncJSONResource(Resource):
+class AsyncJSONResource(GetOnly):
     """Like JSONResource, for a status that needs I/O (readiness asks the database;
     a worker asks the other workers)."""
 
@@ -454,7 +468,7 @@ class AsyncJSONResource(Resource):
         return _respond_later(request, produce)
 
 
-class AsyncTextResource(Resource):
+class AsyncTextResource(GetOnly):
     """A 200 whose body needs I/O: a worker's /metrics gathers every worker's."""
 
     isLeaf = True
@@ -476,7 +490,7 @@ class AsyncTextResource(Resource):
         return _respond_later(request, produce)
 
 
-class StaticPage(Resource):
+class StaticPage(GetOnly):
     isLeaf = True
 
     def __init__(self, name: str, content_type: bytes) -> None:

@@ -527,11 +527,17 @@ async def test_body_for_no_resource_is_404_at_once(make_server):
 
 
 @ensure
-async def test_requests_without_a_body_are_served_as_before(make_server):
+async def test_requests_without_a_body_are_served_as_before(make_server, recwarn):
     server = make_server(admin_api_key=KEY)
     port = server.port
-    status, _, _ = await exchange(port, head(port, "POST", "/", length=0))
-    assert status == 405
+    status, headers, reply = await exchange(port, head(port, "POST", "/", length=0))
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert reply == b"method not allowed: GET or HEAD only\n"
+    # Answered by us, not by twisted.web's deprecated error page.
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+    for path in ("/healthz", "/readyz", "/metrics", "/app.js"):
+        status, headers, _ = await exchange(port, head(port, "PUT", path, length=0))
+        assert status == 405 and headers["allow"] == "GET, HEAD", path
     status, _, reply = await exchange(port, head(port, "GET", "/healthz", length=0))
     assert status == 200 and json.loads(reply)["status"] == "ok"
     status, _, _ = await exchange(port, head(port, "DELETE", "/admin/bans/mallory", key=KEY))
