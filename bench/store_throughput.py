@@ -85,9 +85,16 @@ class Driver:
     """Keeps ``window`` appends outstanding until ``total`` are acked (or time runs out)."""
 
     def __init__(
-        self, store: SQLStore, rooms: list[str], total: int, window: int, max_seconds: float
+        self,
+        store: SQLStore,
+        rooms: list[str],
+        total: int,
+        window: int,
+        max_seconds: float,
+        cids: bool = False,
     ) -> None:
         self.store = store
+        self.cids = cids  # every append carries a cid of its own, as protocol 1.1 clients send
         self.rooms = rooms
         self.total = total
         self.window = window
@@ -117,7 +124,8 @@ class Driver:
                 break
             i = self.issued
             self.issued += 1
-            d = self.store.append(self.rooms[i % len(self.rooms)], f"user{i % USERS}", body(i))
+            cid = f"c{i}" if self.cids else None
+            d = self.store.append(self.rooms[i % len(self.rooms)], f"user{i % USERS}", body(i), cid)
             d.addCallbacks(self._acked, self._failed)
         self._check_done()
 
@@ -176,7 +184,7 @@ async def measure(
         await gatherResults([store.append(room, "warmup", body(0)) for room in rooms])
         batches_before, stored_before = store.batches, store.stored
         window = min(args.window, setup.messages)
-        driver = Driver(store, rooms, setup.messages, window, args.max_seconds)
+        driver = Driver(store, rooms, setup.messages, window, args.max_seconds, args.cids)
         started = time.perf_counter()
         await driver.start()
         seconds = time.perf_counter() - started
@@ -235,7 +243,8 @@ def report(results: list[Result], machine: str, args: argparse.Namespace) -> str
     lines.append("")
     lines.append(
         f"{args.rooms} rooms, {BODY_CHARS}-char bodies, up to {args.window} appends "
-        f"outstanding; seconds = first append to last ack."
+        f"outstanding{', every message with a cid' if args.cids else ''}; seconds = first append to"
+        " last ack."
     )
     if any(r.capped for r in results):
         lines.append(f"Rows marked * stopped sending at the {args.max_seconds:g}s cap per run.")
@@ -313,6 +322,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="messages per batched run; one-row-per-transaction runs send a tenth (default 20000)",
     )
     parser.add_argument("--rooms", type=int, default=10, help="rooms to spread over (default 10)")
+    parser.add_argument(
+        "--cids",
+        action="store_true",
+        help="every message carries a cid (protocol 1.1's idempotent send), each its own",
+    )
     parser.add_argument(
         "--window", type=int, default=2000, help="appends kept outstanding (default 2000)"
     )

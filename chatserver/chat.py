@@ -454,14 +454,20 @@ class Chat:
 
     def _send(self, session: Session, frame: wire.Send) -> None:
         self.sends += 1
-        d = self._store.append(frame.room, session.user, frame.body)
+        d = self._store.append(frame.room, session.user, frame.body, frame.cid)
         d.addCallbacks(self._stored, self._not_stored, (session, frame), None, (session, frame))
 
     def _stored(self, message: StoredMessage, session: Session, frame: wire.Send) -> None:
         # The ack goes out before the message itself reaches anyone.
         if session.open:
-            self._send_frame(session, wire.ack(frame.ref, message.room, message.id, message.ts))
-        self.registry.publish(message)
+            self._send_frame(
+                session,
+                wire.ack(
+                    frame.ref, message.room, message.id, message.ts, message.cid, message.duplicate
+                ),
+            )
+        if not message.duplicate:  # a repeat was delivered when it was first stored
+            self.registry.publish(message)
 
     def _not_stored(self, failure: Failure, session: Session, frame: wire.Send) -> None:
         if not failure.check(StoreUnavailable):
@@ -524,7 +530,9 @@ class Chat:
                 "history",
                 frame.ref,
                 room=frame.room,
-                messages=[wire.message_dict(m.room, m.id, m.user, m.body, m.ts) for m in messages],
+                messages=[
+                    wire.message_dict(m.room, m.id, m.user, m.body, m.ts, m.cid) for m in messages
+                ],
                 more=more,
             )
             session.history_budget -= len(payload)

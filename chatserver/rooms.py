@@ -145,7 +145,7 @@ class RoomRegistry:
     def publish(self, message: StoredMessage) -> None:
         """A message this instance stored: deliver locally, then tell the other instances."""
         frame = wire.encode_message(
-            message.room, message.id, message.user, message.body, message.ts
+            message.room, message.id, message.user, message.body, message.ts, message.cid
         )
         self.offer(message.room, message.id, frame)
         self._broker.publish(message.room, broker_payload(message.id, frame))
@@ -221,7 +221,9 @@ class RoomRegistry:
                     for m in messages:
                         if m.id == room.last_id + 1:
                             self._deliver(
-                                room, m.id, wire.encode_message(m.room, m.id, m.user, m.body, m.ts)
+                                room,
+                                m.id,
+                                wire.encode_message(m.room, m.id, m.user, m.body, m.ts, m.cid),
                             )
                 # Page on to the end of the store (a resync has no target), unless
                 # what was buffered is reached or a page made no progress.

@@ -18,6 +18,7 @@ HISTORY_LIMIT_MAX = 100
 HISTORY_LIMIT_DEFAULT = 50
 
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+_CID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 # Error codes (PROTOCOL.md).
 BAD_FRAME = "bad_frame"
@@ -66,6 +67,7 @@ class Send:
     room: str
     body: str
     ref: str | int | None = None
+    cid: str | None = None  # protocol 1.1: the client's id for this send, for retries
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +188,10 @@ def parse(payload: bytes, is_binary: bool, max_body_chars: int) -> ClientFrame:
             raise FrameError(
                 BAD_REQUEST, "body must be valid Unicode text without NUL or lone surrogates", ref
             )
-        return Send(room, body, ref)
+        cid = obj.get("cid")
+        if cid is not None and not (isinstance(cid, str) and _CID.fullmatch(cid)):
+            raise FrameError(BAD_REQUEST, "cid must be 1-64 characters of A-Z a-z 0-9 _ -", ref)
+        return Send(room, body, ref, cid)
     if kind == "join":
         return Join(_room(obj, ref), ref)
     if kind == "leave":
@@ -223,8 +228,13 @@ def error(code: str, message: str, ref: str | int | None = None) -> bytes:
     return reply("error", ref, code=code, message=message)
 
 
-def message_dict(room: str, id: int, user: str, body: str, ts: int) -> dict[str, Any]:
-    return {"room": room, "id": id, "user": user, "body": body, "ts": ts}
+def message_dict(
+    room: str, id: int, user: str, body: str, ts: int, cid: str | None = None
+) -> dict[str, Any]:
+    fields = {"room": room, "id": id, "user": user, "body": body, "ts": ts}
+    if cid is not None:
+        fields["cid"] = cid
+    return fields
 
 
 # The two frames every message costs, formatted directly: the same bytes as
@@ -233,16 +243,33 @@ def message_dict(room: str, id: int, user: str, body: str, ts: int) -> dict[str,
 _string = _ENCODER.encode
 
 
-def encode_message(room: str, id: int, user: str, body: str, ts: int) -> bytes:
-    return (
+def encode_message(
+    room: str, id: int, user: str, body: str, ts: int, cid: str | None = None
+) -> bytes:
+    head = (
         f'{{"type":"message","room":{_string(room)},"id":{id},'
-        f'"user":{_string(user)},"body":{_string(body)},"ts":{ts}}}'
-    ).encode()
+        f'"user":{_string(user)},"body":{_string(body)},"ts":{ts}'
+    )
+    if cid is None:
+        return (head + "}").encode()
+    return f'{head},"cid":{_string(cid)}}}'.encode()
 
 
-def ack(ref: str | int | None, room: str, id: int, ts: int) -> bytes:
-    """``reply("ack", ref, room=room, id=id, ts=ts)``, byte for byte."""
+def ack(
+    ref: str | int | None,
+    room: str,
+    id: int,
+    ts: int,
+    cid: str | None = None,
+    duplicate: bool = False,
+) -> bytes:
+    """``reply("ack", ref, room=room, id=id, ts=ts[, cid=cid][, duplicate=True])``,
+    byte for byte."""
     head = f'{{"type":"ack","room":{_string(room)},"id":{id},"ts":{ts}'
+    if cid is not None:
+        head += f',"cid":{_string(cid)}'
+    if duplicate:
+        head += ',"duplicate":true'
     if ref is None:
         return (head + "}").encode()
     ref_text = str(ref) if type(ref) is int else _string(ref)

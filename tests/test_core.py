@@ -69,7 +69,7 @@ class FakeStore:
     def start(self, on_commit) -> None:
         self.on_commit = on_commit
 
-    def append(self, room: str, user: str, body: str) -> Deferred:
+    def append(self, room: str, user: str, body: str, cid: str | None = None) -> Deferred:
         d: Deferred = Deferred()
         self.pending.append((room, user, body, d))
         return d

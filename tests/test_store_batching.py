@@ -19,7 +19,7 @@ class HeldPool:
 
     def __init__(self, size: int) -> None:
         self.max = size
-        self.held: list[tuple[list[tuple[str, str, str]], Deferred]] = []
+        self.held: list[tuple[list[tuple[str, str, str, str | None]], Deferred]] = []
         self.last: dict[str, int] = {}
 
     def runInteraction(self, func: Any, entries: list, ts: int) -> Deferred:
@@ -29,15 +29,15 @@ class HeldPool:
 
     def commit(self, index: int = 0) -> list[tuple[str, str, str]]:
         entries, d = self.held.pop(index)
-        ids = []
-        for room, _, _ in entries:
+        stored = []
+        for room, _, _, _ in entries:
             self.last[room] = self.last.get(room, 0) + 1
-            ids.append(self.last[room])
-        d.callback(ids)
-        return entries
+            stored.append((self.last[room], 1000, False))
+        d.callback(stored)
+        return [(room, user, body) for room, user, body, _ in entries]
 
     def rooms_in_flight(self) -> list[set[str]]:
-        return [{room for room, _, _ in entries} for entries, _ in self.held]
+        return [{room for room, _, _, _ in entries} for entries, _ in self.held]
 
 
 class Store(SQLStore):
@@ -65,12 +65,12 @@ def test_what_one_turn_appends_starts_in_one_transaction():
         s.append(room, "u", "m")
     assert pool.held == []  # not before the turn ends
     s.turn()
-    assert [room for room, _, _ in pool.held[0][0]] == ["a", "a", "b", "c"]
+    assert [entry[0] for entry in pool.held[0][0]] == ["a", "a", "b", "c"]
     s.append("d", "u", "m")  # the next turn's wait for the writer
     s.turn()
     assert len(pool.held) == 1 and s.queue_depth() == 1
     pool.commit()
-    assert [room for room, _, _ in pool.held[0][0]] == ["d"]
+    assert [entry[0] for entry in pool.held[0][0]] == ["d"]
 
 
 def test_a_busy_hot_room_does_not_hold_back_other_rooms():
@@ -122,9 +122,9 @@ def test_rooms_are_served_oldest_first_and_a_batch_spans_rooms():
     s.turn()
     pool.commit()
     entries, _ = pool.held[0]
-    assert [room for room, _, _ in entries] == ["b", "b", "c", "c"]
+    assert [entry[0] for entry in entries] == ["b", "b", "c", "c"]
     pool.commit()
-    assert [room for room, _, _ in pool.held[0][0]] == ["d", "e"]
+    assert [entry[0] for entry in pool.held[0][0]] == ["d", "e"]
 
 
 def test_the_queue_bound_counts_every_room():

@@ -12,22 +12,41 @@ from chatserver import wire
 names = st.from_regex(r"[A-Za-z0-9_.:\-]{1,64}", fullmatch=True)
 refs = st.none() | st.integers(min_value=-(2**70), max_value=2**70) | st.text(max_size=40)
 ids = st.integers(min_value=0, max_value=2**53)
+cids = st.none() | st.from_regex(r"[A-Za-z0-9_\-]{1,64}", fullmatch=True)
 
 
-@given(room=names, user=names, body=st.text(min_size=1, max_size=200), mid=ids, ts=ids)
-def test_a_message_frame_is_what_encode_makes(room, user, body, mid, ts):
-    frame = wire.encode_message(room, mid, user, body, ts)
-    assert frame == wire.encode({"type": "message", **wire.message_dict(room, mid, user, body, ts)})
-    assert json.loads(frame) == {
-        "type": "message",
-        "room": room,
-        "id": mid,
-        "user": user,
-        "body": body,
-        "ts": ts,
-    }
+@given(room=names, user=names, body=st.text(min_size=1, max_size=200), mid=ids, ts=ids, cid=cids)
+def test_a_message_frame_is_what_encode_makes(room, user, body, mid, ts, cid):
+    frame = wire.encode_message(room, mid, user, body, ts, cid)
+    fields = wire.message_dict(room, mid, user, body, ts, cid)
+    assert frame == wire.encode({"type": "message", **fields})
+    expected = {"type": "message", "room": room, "id": mid, "user": user, "body": body, "ts": ts}
+    if cid is not None:
+        expected["cid"] = cid
+    assert json.loads(frame) == expected
 
 
-@given(ref=refs, room=names, mid=ids, ts=ids)
-def test_an_ack_is_what_reply_makes(ref, room, mid, ts):
-    assert wire.ack(ref, room, mid, ts) == wire.reply("ack", ref, room=room, id=mid, ts=ts)
+@given(ref=refs, room=names, mid=ids, ts=ids, cid=cids, duplicate=st.booleans())
+def test_an_ack_is_what_reply_makes(ref, room, mid, ts, cid, duplicate):
+    fields: dict = {"room": room, "id": mid, "ts": ts}
+    if cid is not None:
+        fields["cid"] = cid
+    if duplicate:
+        fields["duplicate"] = True
+    assert wire.ack(ref, room, mid, ts, cid, duplicate) == wire.reply("ack", ref, **fields)
+
+
+def test_a_cid_is_checked_like_a_name():
+    frame = wire.parse(b'{"type":"send","room":"r","body":"b","cid":"a-B_9"}', False, 100)
+    assert frame == wire.Send("r", "b", None, "a-B_9")
+    for bad in ('""', '"a.b"', '"' + "x" * 65 + '"', "7", "null"):
+        payload = b'{"type":"send","room":"r","body":"b","cid":%s,"ref":1}' % bad.encode()
+        if bad == "null":
+            assert wire.parse(payload, False, 100).cid is None
+            continue
+        try:
+            wire.parse(payload, False, 100)
+        except wire.FrameError as e:
+            assert (e.code, e.ref) == (wire.BAD_REQUEST, 1)
+        else:
+            raise AssertionError(f"cid {bad} was accepted")

@@ -46,6 +46,9 @@ class StoredMessage:
     user: str
     body: str
     ts: int
+    cid: str | None = None  # the client's id of its send (protocol 1.1)
+    # An append whose (room, user, cid) was stored before: this is that message.
+    duplicate: bool = False
 
 
 class Store(Protocol):
@@ -69,7 +72,12 @@ class Store(Protocol):
     def start(self, on_commit: CommitHandler) -> None:
         """Report each finished write batch to ``on_commit`` (before: appends fire at once)."""
 
-    def append(self, room: str, user: str, body: str) -> Deferred[StoredMessage]: ...
+    def append(
+        self, room: str, user: str, body: str, cid: str | None = None
+    ) -> Deferred[StoredMessage]:
+        """Fires once stored. With a ``cid`` that ``room`` and ``user`` already stored
+        (now or long ago, from any instance), nothing is stored: it fires with that
+        message, ``duplicate`` set."""
 
     def last_id(self, room: str) -> Deferred[int | None]: ...
 

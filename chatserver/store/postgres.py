@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 from twisted.enterprise import adbapi
@@ -24,6 +25,7 @@ from chatserver.store.sql import (
     Entry,
     Row,
     SQLStore,
+    Stored,
     check_schema,
     migrate,
 )
@@ -35,6 +37,7 @@ ONE_STATEMENT_MAX = 32
 _MIGRATION_LOCK = 0x63686174  # "chat": one advisory lock id for schema changes
 
 
+_COPY_NULL = "\\N"  # COPY's text format for NULL
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -47,16 +50,39 @@ class PostgresDialect(Dialect):
     name = "postgres"
     connection_errors = (psycopg2.OperationalError, psycopg2.InterfaceError)
     database_errors = (psycopg2.DatabaseError,)
+    conflict_errors = (psycopg2.errors.UniqueViolation,)
 
     def insert_messages(self, cursor: Any, rows: Sequence[Row]) -> None:
         # COPY: one round trip for the batch, and no per-row parameter quoting
         # in Python (execute_values spends most of a batch's time there).
         data = "".join(
-            f"{_copy_text(room)}\t{mid}\t{_copy_text(user)}\t{_copy_text(body)}\t{ts}\n"
-            for room, mid, user, body, ts in rows
+            f"{_copy_text(room)}\t{mid}\t{_copy_text(user)}\t{_copy_text(body)}\t{ts}"
+            f"\t{_copy_text(cid) if cid is not None else _COPY_NULL}\n"
+            for room, mid, user, body, ts, cid in rows
         )
         cursor.copy_expert(
-            "COPY messages (room, id, username, body, ts) FROM STDIN", io.StringIO(data)
+            "COPY messages (room, id, username, body, ts, cid) FROM STDIN", io.StringIO(data)
+        )
+
+    def find_cids(
+        self, cursor: Any, keys: set[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], tuple[int, int]]:
+        # One statement, each key looked up in the unique index.
+        rooms, users, cids = (list(column) for column in zip(*keys, strict=True))
+        cursor.execute(
+            "SELECT m.room, m.username, m.cid, m.id, m.ts"
+            " FROM unnest(%s::text[], %s::text[], %s::text[]) AS k(room, username, cid)"
+            " JOIN messages m ON m.room = k.room AND m.username = k.username AND m.cid = k.cid",
+            (rooms, users, cids),
+        )
+        return {(room, user, cid): (mid, ts) for room, user, cid, mid, ts in cursor.fetchall()}
+
+    def lock_rooms(self, cursor: Any, rooms: list[str]) -> None:
+        # In name order, as reserve_ids takes them: no deadlock cycle. A room
+        # without its row yet locks nothing; two writers racing to store its
+        # first message with one cid meet at the unique index (conflict_errors).
+        cursor.execute(
+            "SELECT name FROM rooms WHERE name = ANY(%s) ORDER BY name FOR UPDATE", (rooms,)
         )
 
     def reserve_ids(self, cursor: Any, counts: dict[str, int]) -> dict[str, int]:
@@ -72,7 +98,7 @@ class PostgresDialect(Dialect):
         )
         return dict(cursor.fetchall())
 
-    def store_batch(self, cursor: Any, entries: Sequence[Entry], ts: int) -> list[int]:
+    def store_batch(self, cursor: Any, entries: Sequence[Entry], ts: int) -> list[Stored]:
         """A small batch in two round trips: one statement that reserves the ids
         and inserts the rows, sent with its BEGIN, then COMMIT.
 
@@ -84,14 +110,15 @@ class PostgresDialect(Dialect):
         switched to autocommit for the batch so that psycopg2 sends no BEGIN of
         its own and adbapi's commit afterwards is a no-op.
         """
-        if len(entries) > ONE_STATEMENT_MAX:
+        if len(entries) > ONE_STATEMENT_MAX or any(e[3] is not None for e in entries):
+            # Large, or carrying cids to look up first: the general path.
             return super().store_batch(cursor, entries, ts)
         counts: dict[str, int] = {}
         back: list[int] = []  # how many later messages of its room follow each entry
-        for room, _, _ in entries:
+        for room, _, _, _ in entries:
             counts[room] = counts.get(room, 0) + 1
         seen: dict[str, int] = {}
-        for room, _, _ in entries:
+        for room, _, _, _ in entries:
             k = seen.get(room, 0) + 1
             seen[room] = k
             back.append(counts[room] - k)
@@ -125,7 +152,9 @@ class PostgresDialect(Dialect):
         finally:
             if not connection.closed:
                 connection.autocommit = False
-        return [last[room] - b for (room, _, _), b in zip(entries, back, strict=True)]
+        return [
+            (last[room] - b, ts, False) for (room, _, _, _), b in zip(entries, back, strict=True)
+        ]
 
     def lock_schema(self, cursor: Any) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))

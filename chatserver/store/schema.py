@@ -40,6 +40,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " room TEXT NOT NULL, username TEXT NOT NULL, PRIMARY KEY (room, username))",
         ],
     ),
+    (
+        4,
+        "the client's id of a send (cid), unique per room and user: a retried send is stored once",
+        [
+            "ALTER TABLE messages ADD COLUMN cid TEXT",
+            "CREATE UNIQUE INDEX messages_cid ON messages (room, username, cid)"
+            " WHERE cid IS NOT NULL",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

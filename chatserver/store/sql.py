@@ -30,11 +30,12 @@ from chatserver.store import (
 )
 from chatserver.store.schema import LATEST, MIGRATIONS
 
-Row = tuple[str, int, str, str, int]  # room, id, user, body, ts
+Row = tuple[str, int, str, str, int, str | None]  # room, id, user, body, ts, cid
 # Users per query (bans after a broker outage, memberships of a room made private):
 # well under any placeholder limit.
 BANS_QUERY_CHUNK = 500
-Entry = tuple[str, str, str]  # room, user, body
+Entry = tuple[str, str, str, str | None]  # room, user, body, cid
+Stored = tuple[int, int, bool]  # id, ts, duplicate: what store_batch says of each entry
 
 
 class Dialect:
@@ -45,6 +46,9 @@ class Dialect:
     connection_errors: tuple[type[BaseException], ...] = ()
     # Errors from the database as a whole (locked, shutting down, disk full).
     database_errors: tuple[type[BaseException], ...] = ()
+    # A unique key broken by a writer that committed first (two instances storing
+    # the same cid at once): nothing committed, and a retry finds its row.
+    conflict_errors: tuple[type[BaseException], ...] = ()
 
     def sql(self, text: str) -> str:
         """SQL is written with %s placeholders; dialects with another style convert."""
@@ -52,9 +56,38 @@ class Dialect:
 
     def insert_messages(self, cursor: Any, rows: Sequence[Row]) -> None:
         cursor.executemany(
-            self.sql("INSERT INTO messages (room, id, username, body, ts) VALUES (%s,%s,%s,%s,%s)"),
+            self.sql(
+                "INSERT INTO messages (room, id, username, body, ts, cid)"
+                " VALUES (%s,%s,%s,%s,%s,%s)"
+            ),
             rows,
         )
+
+    def lock_rooms(self, cursor: Any, rooms: list[str]) -> None:
+        """Hold the counter rows of ``rooms`` (sorted) to commit, before looking for
+        cids: a writer of the same room storing the same cid then commits first and
+        is seen (SQLite has one writer at a time)."""
+
+    def find_cids(
+        self, cursor: Any, keys: set[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """(id, ts) of each stored (room, user, cid) among ``keys``."""
+        found: dict[tuple[str, str, str], tuple[int, int]] = {}
+        ordered = sorted(keys)
+        for start in range(0, len(ordered), BANS_QUERY_CHUNK):
+            chunk = ordered[start : start + BANS_QUERY_CHUNK]
+            rooms = sorted({room for room, _, _ in chunk})
+            cids = sorted({cid for _, _, cid in chunk})
+            query = (
+                "SELECT room, username, cid, id, ts FROM messages"
+                f" WHERE room IN ({','.join(['%s'] * len(rooms))})"
+                f" AND cid IN ({','.join(['%s'] * len(cids))})"
+            )
+            cursor.execute(self.sql(query), [*rooms, *cids])
+            for room, user, cid, mid, ts in cursor.fetchall():
+                if (room, user, cid) in keys:
+                    found[(room, user, cid)] = (mid, ts)
+        return found
 
     def reserve_ids(self, cursor: Any, counts: dict[str, int]) -> dict[str, int]:
         """Advance each room's counter by its count; return each room's new last id.
@@ -73,27 +106,53 @@ class Dialect:
             last[room] = cursor.fetchone()[0]
         return last
 
-    def store_batch(self, cursor: Any, entries: Sequence[Entry], ts: int) -> list[int]:
+    def store_batch(self, cursor: Any, entries: Sequence[Entry], ts: int) -> list[Stored]:
         """Give each entry the next id of its room and insert it, in the pool's
-        transaction; return the ids in entry order.
+        transaction; return (id, ts, duplicate) in entry order. An entry whose
+        (room, user, cid) is stored already, or came earlier in this batch, is not
+        stored: it gets that message's id and ts.
 
         Raises a connection error only when nothing can have been committed
         (the caller retries those on a fresh connection).
         """
+        earlier: dict[int, int] = {}  # entry -> the earlier entry of its batch it repeats
+        stored: dict[int, tuple[int, int]] = {}  # entry -> (id, ts) stored before
+        keys = {(room, user, cid) for room, user, _, cid in entries if cid is not None}
+        if keys:
+            self.lock_rooms(cursor, sorted({room for room, _, _ in keys}))
+            found = self.find_cids(cursor, keys)
+            first: dict[tuple[str, str, str], int] = {}
+            for i, (room, user, _, cid) in enumerate(entries):
+                if cid is None:
+                    continue
+                key = (room, user, cid)
+                if key in found:
+                    stored[i] = found[key]
+                elif key in first:
+                    earlier[i] = first[key]
+                else:
+                    first[key] = i
         counts: dict[str, int] = {}
-        for room, _, _ in entries:
-            counts[room] = counts.get(room, 0) + 1
-        last = self.reserve_ids(cursor, counts)
+        for i, (room, _, _, _) in enumerate(entries):
+            if i not in stored and i not in earlier:
+                counts[room] = counts.get(room, 0) + 1
+        last = self.reserve_ids(cursor, counts) if counts else {}
         next_id = {room: last[room] - n + 1 for room, n in counts.items()}
-        ids = []
+        result: list[Stored] = []
         rows: list[Row] = []
-        for room, user, body in entries:
-            mid = next_id[room]
-            next_id[room] = mid + 1
-            ids.append(mid)
-            rows.append((room, mid, user, body, ts))
-        self.insert_messages(cursor, rows)
-        return ids
+        for i, (room, user, body, cid) in enumerate(entries):
+            if i in stored:
+                result.append((*stored[i], True))
+            elif i in earlier:
+                result.append((result[earlier[i]][0], ts, True))
+            else:
+                mid = next_id[room]
+                next_id[room] = mid + 1
+                result.append((mid, ts, False))
+                rows.append((room, mid, user, body, ts, cid))
+        if rows:
+            self.insert_messages(cursor, rows)
+        return result
 
     def lock_schema(self, cursor: Any) -> None:
         """Keep two servers from migrating at once (Postgres locks; SQLite has one writer)."""
@@ -160,12 +219,15 @@ def _fire_now(fire: Callable[[], None]) -> None:
 
 
 class _Pending:
-    __slots__ = ("body", "deferred", "room", "user")
+    __slots__ = ("body", "cid", "deferred", "room", "user")
 
-    def __init__(self, room: str, user: str, body: str, deferred: Deferred) -> None:
+    def __init__(
+        self, room: str, user: str, body: str, cid: str | None, deferred: Deferred
+    ) -> None:
         self.room = room
         self.user = user
         self.body = body
+        self.cid = cid
         self.deferred = deferred
 
 
@@ -212,7 +274,9 @@ class SQLStore:
     def start(self, on_commit: CommitHandler) -> None:
         self._on_commit = on_commit
 
-    def append(self, room: str, user: str, body: str) -> Deferred[StoredMessage]:
+    def append(
+        self, room: str, user: str, body: str, cid: str | None = None
+    ) -> Deferred[StoredMessage]:
         if self._closed:
             return fail(StoreUnavailable("server is shutting down"))
         if self._waiting >= self._queue_max:
@@ -222,7 +286,7 @@ class SQLStore:
         waiting = self._rooms.get(room)
         if waiting is None:
             waiting = self._rooms[room] = deque()
-        waiting.append(_Pending(room, user, body, d))
+        waiting.append(_Pending(room, user, body, cid, d))
         self._waiting += 1
         if self._soon is None:
             # At the end of this reactor turn, not now: started at the first
@@ -280,7 +344,7 @@ class SQLStore:
 
     def _write(self, batch: list[_Pending], attempts_left: int) -> None:
         ts = int(self._clock.seconds() * 1000)
-        entries: list[Entry] = [(p.room, p.user, p.body) for p in batch]
+        entries: list[Entry] = [(p.room, p.user, p.body, p.cid) for p in batch]
         d = self._interaction(self._write_batch, entries, ts)
         d.addCallbacks(
             self._written,
@@ -289,23 +353,28 @@ class SQLStore:
             errbackArgs=(batch, attempts_left),
         )
 
-    def _write_batch(self, txn: Any, entries: list[Entry], ts: int) -> list[int]:
+    def _write_batch(self, txn: Any, entries: list[Entry], ts: int) -> list[Stored]:
         """Runs in a pool thread: one transaction for the whole batch."""
         try:
             return self._dialect.store_batch(txn, entries, ts)
         except self._dialect.connection_errors as e:
             raise _BeforeCommit(e) from e
+        except self._dialect.conflict_errors as e:
+            # Raised by a statement, so adbapi rolls the transaction back.
+            raise _BeforeCommit(e) from e
 
-    def _written(self, ids: list[int], batch: list[_Pending], ts: int) -> None:
+    def _written(self, results: list[Stored], batch: list[_Pending], ts: int) -> None:
         self._in_flight -= 1
         self._release(batch)
         self.batches += 1
-        self.stored += len(batch)
+        self.stored += sum(1 for _, _, duplicate in results if not duplicate)
         self.last_batch_size = len(batch)
 
         def fire() -> None:
-            for p, mid in zip(batch, ids, strict=True):
-                p.deferred.callback(StoredMessage(p.room, mid, p.user, p.body, ts))
+            for p, (mid, at, duplicate) in zip(batch, results, strict=True):
+                p.deferred.callback(
+                    StoredMessage(p.room, mid, p.user, p.body, at, p.cid, duplicate)
+                )
 
         self._on_commit(fire)
         self._after_write()
@@ -398,7 +467,7 @@ class SQLStore:
     def history(
         self, room: str, before: int | None, after: int | None, limit: int
     ) -> Deferred[tuple[list[StoredMessage], bool]]:
-        cols = "SELECT id, username, body, ts FROM messages WHERE room = %s"
+        cols = "SELECT id, username, body, ts, cid FROM messages WHERE room = %s"
         if after is not None:
             query = cols + " AND id > %s ORDER BY id ASC LIMIT %s"
             args: tuple = (room, after, limit + 1)
@@ -417,7 +486,7 @@ class SQLStore:
             rows = rows[:limit]
             if after is None:
                 rows.reverse()
-            return [StoredMessage(room, r[0], r[1], r[2], r[3]) for r in rows], more
+            return [StoredMessage(room, r[0], r[1], r[2], r[3], r[4]) for r in rows], more
 
         return self._run(q)
 

@@ -15,6 +15,7 @@ class SQLiteDialect(Dialect):
     name = "sqlite"
     connection_errors = (sqlite3.InterfaceError,)
     database_errors = (sqlite3.OperationalError, sqlite3.DatabaseError)
+    conflict_errors = (sqlite3.IntegrityError,)
 
     def sql(self, text: str) -> str:
         return text.replace("%s", "?")

@@ -1,0 +1,124 @@
+"""Protocol 1.1, idempotent send: a (room, user, cid) is stored once, whoever repeats it.
+
+A repeat is acked with the stored message's id and ts and ``duplicate: true``,
+and nobody receives the message twice. Real stores (SQLite and Postgres), real
+clients; two instances over a real Redis for sends that arrive at the same
+moment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from wsclient import connect
+
+ensure = pytest_twisted.ensureDeferred
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: Any, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chat.sqlite3'}"
+    return request.getfixturevalue("pg_url")
+
+
+def ack_fields(ack: dict[str, Any]) -> tuple[Any, ...]:
+    return ack["type"], ack["id"], ack.get("cid"), ack.get("duplicate", False)
+
+
+@ensure
+async def test_a_repeated_cid_is_acked_with_the_first_id_and_delivered_once(
+    make_server, database_url
+):
+    server = make_server(database_url=database_url)
+    alice = await connect(server.port, "alice")
+    bob = await connect(server.port, "bob")
+    for c in (alice, bob):
+        await c.join("r")
+    first = await alice.request({"type": "send", "room": "r", "body": "hi", "cid": "c-1"})
+    assert ack_fields(first) == ("ack", 1, "c-1", False)
+    got = await bob.expect("message")
+    assert (got["id"], got["body"], got["cid"]) == (1, "hi", "c-1")
+    # The retry (its body is not compared) gets the stored message's id and ts.
+    again = await alice.request({"type": "send", "room": "r", "body": "hi?", "cid": "c-1"})
+    assert ack_fields(again) == ("ack", 1, "c-1", True)
+    assert again["ts"] == first["ts"]
+    # The same cid from another user, or in another room, is another message.
+    other = await bob.request({"type": "send", "room": "r", "body": "me too", "cid": "c-1"})
+    assert ack_fields(other) == ("ack", 2, "c-1", False)
+    await alice.join("s")
+    elsewhere = await alice.request({"type": "send", "room": "s", "body": "x", "cid": "c-1"})
+    assert ack_fields(elsewhere) == ("ack", 1, "c-1", False)
+    # No gap, and bob saw message 1 once: the next thing he gets is message 2.
+    assert (await bob.expect("message"))["id"] == 2
+    assert await bob.drain_to_pong() == []
+    page = await bob.request({"type": "history", "room": "r"})
+    assert [(m["id"], m["body"], m.get("cid")) for m in page["messages"]] == [
+        (1, "hi", "c-1"),
+        (2, "me too", "c-1"),
+    ]
+    # A send without a cid is a version 1 send: no cid in its ack or message.
+    plain = await bob.request({"type": "send", "room": "r", "body": "v1"})
+    assert "cid" not in plain and "duplicate" not in plain
+    copy = await bob.expect("message")
+    assert copy["id"] == 3 and "cid" not in copy
+
+
+@ensure
+async def test_copies_in_one_batch_and_after_a_restart_are_stored_once(make_server, database_url):
+    server = make_server(database_url=database_url)
+    alice = await connect(server.port, "alice")
+    await alice.join("r")
+    # Pipelined: both copies are handled in one reactor turn, so one transaction.
+    for ref in (1, 2):
+        alice.send({"type": "send", "room": "r", "body": "once", "cid": "same", "ref": ref})
+    frames = [await alice.recv() for _ in range(3)]
+    acks = sorted((f for f in frames if f["type"] == "ack"), key=lambda f: f["ref"])
+    assert [ack_fields(a) for a in acks] == [("ack", 1, "same", False), ("ack", 1, "same", True)]
+    assert [f["id"] for f in frames if f["type"] == "message"] == [1]
+    await server.stopService()
+
+    again = make_server(database_url=database_url)
+    alice = await connect(again.port, "alice")
+    await alice.join("r")
+    late = await alice.request({"type": "send", "room": "r", "body": "once", "cid": "same"})
+    assert ack_fields(late) == ("ack", 1, "same", True)
+    fresh = await alice.request({"type": "send", "room": "r", "body": "next", "cid": "new"})
+    assert ack_fields(fresh) == ("ack", 2, "new", False)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@ensure
+async def test_the_same_cid_on_two_instances_at_once_is_stored_once(make_server, pg_url, redis):
+    a, b = (
+        make_server(database_url=pg_url, redis_url=redis.url, redis_keepalive=0.5) for _ in range(2)
+    )
+    await gatherResults([s.broker.when_connected().addTimeout(15, reactor) for s in (a, b)])
+    on_a = await connect(a.port, "alice")
+    on_b = await connect(b.port, "alice")
+    for c in (on_a, on_b):
+        await c.join("r")
+    rounds = 40
+    for i in range(rounds):
+        cid = f"round-{i}"
+        frame = {"type": "send", "room": "r", "body": cid, "cid": cid}
+        acks = await gatherResults(
+            [Deferred.fromCoroutine(c.request(dict(frame))) for c in (on_a, on_b)]
+        )
+        assert acks[0]["id"] == acks[1]["id"], (i, acks)
+        assert acks[0]["ts"] == acks[1]["ts"], (i, acks)
+        assert sorted(a.get("duplicate", False) for a in acks) == [False, True], (i, acks)
+    connection = psycopg2.connect(pg_url)
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT id, cid FROM messages WHERE room = 'r' ORDER BY id")
+        rows = cursor.fetchall()
+    finally:
+        connection.close()
+    assert rows == [(i + 1, f"round-{i}") for i in range(rounds)]
