@@ -454,8 +454,6 @@ class AsyncJSONResource(GetOnly):
     """Like JSONResource, for a status that needs I/O (readiness asks the database;
     a worker asks the other workers)."""
 
-    isLeaf = True
-
     def __init__(self, status: Callable[[], Awaitable[tuple[int, dict[str, Any]]]]) -> None:
         super().__init__()
         self._status = status
@@ -470,8 +468,6 @@ class AsyncJSONResource(GetOnly):
 
 class AsyncTextResource(GetOnly):
     """A 200 whose body needs I/O: a worker's /metrics gathers every worker's."""
-
-    isLeaf = True
 
     def __init__(
         self,
@@ -491,8 +487,6 @@ class AsyncTextResource(GetOnly):
 
 
 class StaticPage(GetOnly):
-    isLeaf = True
-
     def __init__(self, name: str, content_type: bytes) -> None:
         super().__init__()
         self._body = resources.files("chatserver.static").joinpath(name).read_bytes()

@@ -122,3 +122,29 @@ async def test_the_same_cid_on_two_instances_at_once_is_stored_once(make_server,
     finally:
         connection.close()
     assert rows == [(i + 1, f"round-{i}") for i in range(rounds)]
+
+
+@ensure
+async def test_a_batch_of_many_cids_with_a_repeat_is_looked_up_in_chunks(database_url):
+    # 900 new cids and a repeat in one transaction: the repeat sends the batch down
+    # the lookup path, whose queries take the cids a chunk at a time.
+    from chatserver.config import Config
+    from chatserver.store.open import open_store, prepare
+
+    config = Config(database_url=database_url, store_batch_max=1000)
+    prepare(config)
+    store = open_store(config, reactor)
+    first = await store.append("r", "u", "first", "c0")
+    cids = [f"c{i}" for i in range(1, 901)]
+    results = await gatherResults(
+        [store.append(f"r{i % 450}", "u", "m", cid) for i, cid in enumerate(cids)]
+        + [store.append("r", "u", "again", "c0")]
+    )
+    await store.close()
+    assert store.batches == 2  # the first message, then everything else together
+    *fresh, repeat = results
+    assert not any(m.duplicate for m in fresh)
+    assert sorted((m.room, m.id) for m in fresh) == sorted(
+        (f"r{r}", n) for r in range(450) for n in (1, 2)
+    )
+    assert (repeat.id, repeat.ts, repeat.duplicate) == (first.id, first.ts, True)

@@ -77,7 +77,8 @@ class Store(Protocol):
     ) -> Deferred[StoredMessage]:
         """Fires once stored. With a ``cid`` that ``room`` and ``user`` already stored
         (now or long ago, from any instance), nothing is stored: it fires with that
-        message, ``duplicate`` set."""
+        message's id and ts, ``duplicate`` set (the body is this append's: a repeat's
+        body is not compared, and a duplicate is acked, never delivered)."""
 
     def last_id(self, room: str) -> Deferred[int | None]: ...
 

@@ -34,6 +34,9 @@ Row = tuple[str, int, str, str, int, str | None]  # room, id, user, body, ts, ci
 # Users per query (bans after a broker outage, memberships of a room made private):
 # well under any placeholder limit.
 BANS_QUERY_CHUNK = 500
+# Cids looked up per query: each brings its room and cid as two placeholders,
+# under the 999 that SQLite before 3.32 allows.
+CID_QUERY_CHUNK = 400
 Entry = tuple[str, str, str, str | None]  # room, user, body, cid
 Stored = tuple[int, int, bool]  # id, ts, duplicate: what store_batch says of each entry
 
@@ -74,8 +77,8 @@ class Dialect:
         """(id, ts) of each stored (room, user, cid) among ``keys``."""
         found: dict[tuple[str, str, str], tuple[int, int]] = {}
         ordered = sorted(keys)
-        for start in range(0, len(ordered), BANS_QUERY_CHUNK):
-            chunk = ordered[start : start + BANS_QUERY_CHUNK]
+        for start in range(0, len(ordered), CID_QUERY_CHUNK):
+            chunk = ordered[start : start + CID_QUERY_CHUNK]
             rooms = sorted({room for room, _, _ in chunk})
             cids = sorted({cid for _, _, cid in chunk})
             query = (
