@@ -14,6 +14,7 @@ that the answer can't tell a guesser whether a guess was right.
     DELETE /admin/rooms/ROOM/members/USER
     POST   /admin/rooms/ROOM/kick            {"user"}
     POST   /admin/rooms/ROOM/messages        {"body", "user": "system"}
+    DELETE /admin/rooms/ROOM/messages/ID     ?user=NAME (the delete event's user, "system")
     POST   /admin/bans                       {"user", "room": optional, absent = everywhere}
     DELETE /admin/bans/USER                  ?room=ROOM (absent = the global ban)
 """
@@ -36,7 +37,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from chatserver import wire
 from chatserver.chat import Chat
 from chatserver.config import Config
-from chatserver.store import EVERYWHERE, Store, StoreUnavailable
+from chatserver.store import (
+    EVERYWHERE,
+    MessageNotFound,
+    NotYetWritten,
+    Store,
+    StoreUnavailable,
+)
 from chatserver.transport.policies import ProxyPolicy
 
 log = Logger()
@@ -269,6 +276,8 @@ class AdminAPI(Resource):
                 return {"room": room, "user": user, "kicked": True}
             case ("POST", ["rooms", room, "messages"]):
                 return await self._post_message(_name(room, "room"), self._json(request))
+            case ("DELETE", ["rooms", room, "messages", target]):
+                return await self._delete_message(_name(room, "room"), target, request)
             case ("POST", ["bans"]):
                 body = self._json(request)
                 user = _name(body.get("user"), "user")
@@ -288,6 +297,25 @@ class AdminAPI(Resource):
             case (_, ["rooms", *_] | ["bans", *_]):
                 raise HTTPError(405, f"{method} is not supported here")
         raise HTTPError(404, "no such admin resource")
+
+    async def _delete_message(self, room: str, target: str, request: Request) -> dict[str, Any]:
+        if not (target.isascii() and target.isdigit() and 0 < int(target) <= wire.MAX_ID):
+            raise HTTPError(400, "message id must be a positive integer")
+        user_arg = request.args.get(b"user")
+        user = _name(user_arg[0].decode("utf-8", "replace") if user_arg else "system", "user")
+        try:
+            event = await self._chat.remove(room, int(target), user)
+        except MessageNotFound as e:
+            raise HTTPError(404, str(e)) from None
+        except NotYetWritten as e:
+            raise HTTPError(400, str(e)) from None
+        return {
+            "room": room,
+            "id": event.id,
+            "ts": event.ts,
+            "user": user,
+            "deletes": event.deletes,
+        }
 
     async def _post_message(self, room: str, body: dict[str, Any]) -> dict[str, Any]:
         text = body.get("body")

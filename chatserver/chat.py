@@ -28,7 +28,16 @@ from chatserver.config import Config
 from chatserver.delivery import Delivery
 from chatserver.rooms import RoomRegistry
 from chatserver.session import Session, Transport
-from chatserver.store import EVERYWHERE, Access, Store, StoredMessage, StoreUnavailable
+from chatserver.store import (
+    EVERYWHERE,
+    Access,
+    ChangeRefused,
+    MessageNotFound,
+    NotAuthor,
+    Store,
+    StoredMessage,
+    StoreUnavailable,
+)
 
 CLOSE_POLICY = 1008
 CLOSE_TOKEN_EXPIRED = 4001
@@ -36,6 +45,15 @@ CLOSE_BANNED = 4003
 
 # The reason of the ``kicked`` frame a non-member gets when its room is made private.
 KICKED_PRIVATE = "private"
+
+
+def refusal_code(refused: BaseException) -> str:
+    """The protocol's error code for an edit or delete the store refused."""
+    if isinstance(refused, MessageNotFound):
+        return wire.NOT_FOUND
+    if isinstance(refused, NotAuthor):
+        return wire.FORBIDDEN
+    return wire.BAD_REQUEST  # an id past the room's last
 
 
 class AccessDenied(Exception):
@@ -69,6 +87,8 @@ class Chat:
         self.errors: Counter[str] = Counter()
         self.frames = 0
         self.sends = 0
+        self.edits = 0
+        self.deletes = 0
         self.joins = 0
         self.kicks = 0
         self.policy_closes = 0
@@ -232,6 +252,8 @@ class Chat:
             return
         if isinstance(frame, wire.Send):
             self._membership(session, frame.room, frame.ref, self._send, frame)
+        elif isinstance(frame, wire.Edit | wire.Delete):
+            self._membership(session, frame.room, frame.ref, self._change, frame)
         elif isinstance(frame, wire.History):
             self._membership(session, frame.room, frame.ref, self._history, frame)
         elif isinstance(frame, wire.Join):
@@ -256,13 +278,16 @@ class Chat:
 
     def post(self, room: str, user: str, body: str) -> Deferred[StoredMessage]:
         """A message from the server side (admin API): stored, then delivered like any other."""
-        d = self._store.append(room, user, body)
+        return self._store.append(room, user, body).addCallback(self._published)
 
-        def stored(message: StoredMessage) -> StoredMessage:
-            self.registry.publish(message)
-            return message
+    def remove(self, room: str, target: int, user: str) -> Deferred[StoredMessage]:
+        """Delete message ``target`` whoever wrote it (admin API), as ``user``: the
+        delete event is stored, then delivered like any other."""
+        return self._store.delete(room, user, target, by_admin=True).addCallback(self._published)
 
-        return d.addCallback(stored)
+    def _published(self, message: StoredMessage) -> StoredMessage:
+        self.registry.publish(message)
+        return message
 
     def room_privacy_changed(self, room: str, private: bool) -> Deferred[None]:
         """The store now says whether ``room`` is private (admin API). Made private, it
@@ -457,7 +482,20 @@ class Chat:
         d = self._store.append(frame.room, session.user, frame.body, frame.cid)
         d.addCallbacks(self._stored, self._not_stored, (session, frame), None, (session, frame))
 
-    def _stored(self, message: StoredMessage, session: Session, frame: wire.Send) -> None:
+    def _change(self, session: Session, frame: wire.Edit | wire.Delete) -> None:
+        """An edit or delete: stored as the room's next event, then acked and
+        delivered as a send is; the store decides whether it is allowed."""
+        if isinstance(frame, wire.Edit):
+            self.edits += 1
+            d = self._store.edit(frame.room, session.user, frame.id, frame.body, frame.cid)
+        else:
+            self.deletes += 1
+            d = self._store.delete(frame.room, session.user, frame.id)
+        d.addCallbacks(self._stored, self._not_stored, (session, frame), None, (session, frame))
+
+    def _stored(
+        self, message: StoredMessage, session: Session, frame: wire.Send | wire.Edit | wire.Delete
+    ) -> None:
         # The ack goes out before the message itself reaches anyone.
         if session.open:
             self._send_frame(
@@ -469,7 +507,13 @@ class Chat:
         if not message.duplicate:  # a repeat was delivered when it was first stored
             self.registry.publish(message)
 
-    def _not_stored(self, failure: Failure, session: Session, frame: wire.Send) -> None:
+    def _not_stored(
+        self, failure: Failure, session: Session, frame: wire.Send | wire.Edit | wire.Delete
+    ) -> None:
+        if failure.check(ChangeRefused):
+            if session.open:
+                self._error(session, refusal_code(failure.value), str(failure.value), frame.ref)
+            return
         if not failure.check(StoreUnavailable):
             self.log.failure("storing a message failed", failure)
         if session.open:
@@ -530,9 +574,7 @@ class Chat:
                 "history",
                 frame.ref,
                 room=frame.room,
-                messages=[
-                    wire.message_dict(m.room, m.id, m.user, m.body, m.ts, m.cid) for m in messages
-                ],
+                messages=[wire.message_fields(m) for m in messages],
                 more=more,
             )
             session.history_budget -= len(payload)

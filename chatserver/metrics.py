@@ -54,7 +54,11 @@ class ServerCollector:
         yield _counter("joins", "Rooms joined.", chat.joins)
         yield _counter("frames_received", "Frames received from clients.", chat.frames)
         yield _counter("messages_received", "send frames accepted for storage.", chat.sends)
-        yield _counter("messages_stored", "Messages committed to the store.", store.stored)
+        yield _counter("edits_received", "edit frames accepted for storage.", chat.edits)
+        yield _counter("deletes_received", "delete frames accepted for storage.", chat.deletes)
+        yield _counter(
+            "messages_stored", "Messages and edit/delete events committed.", store.stored
+        )
         yield _counter(
             "messages_delivered", "Message frames written to local members.", s.delivery.delivered
         )

@@ -144,9 +144,7 @@ class RoomRegistry:
 
     def publish(self, message: StoredMessage) -> None:
         """A message this instance stored: deliver locally, then tell the other instances."""
-        frame = wire.encode_message(
-            message.room, message.id, message.user, message.body, message.ts, message.cid
-        )
+        frame = wire.message_frame(message)
         self.offer(message.room, message.id, frame)
         self._broker.publish(message.room, broker_payload(message.id, frame))
 
@@ -220,11 +218,7 @@ class RoomRegistry:
                 with self.delivery.batch():
                     for m in messages:
                         if m.id == room.last_id + 1:
-                            self._deliver(
-                                room,
-                                m.id,
-                                wire.encode_message(m.room, m.id, m.user, m.body, m.ts, m.cid),
-                            )
+                            self._deliver(room, m.id, wire.message_frame(m))
                 # Page on to the end of the store (a resync has no target), unless
                 # what was buffered is reached or a page made no progress.
                 if not more or room.last_id == start:

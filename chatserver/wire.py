@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 SUBPROTOCOL = "chat.v1"
 MAX_DEPTH = 8
@@ -28,6 +28,7 @@ FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 TOO_LARGE = "too_large"
 UNAVAILABLE = "unavailable"
+NOT_FOUND = "not_found"  # protocol 1.1
 # Every error code the protocol defines.
 ERROR_CODES = (
     BAD_FRAME,
@@ -37,6 +38,7 @@ ERROR_CODES = (
     RATE_LIMITED,
     TOO_LARGE,
     UNAVAILABLE,
+    NOT_FOUND,
 )
 
 
@@ -71,6 +73,22 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class Edit:
+    room: str
+    id: int
+    body: str
+    ref: str | int | None = None
+    cid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    room: str
+    id: int
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class History:
     room: str
     before: int | None = None
@@ -84,7 +102,7 @@ class Ping:
     ref: str | int | None = None
 
 
-ClientFrame = Join | Leave | Send | History | Ping
+ClientFrame = Join | Leave | Send | Edit | Delete | History | Ping
 
 
 def is_valid_name(name: object) -> bool:
@@ -136,6 +154,33 @@ def _cursor(obj: dict, key: str, ref: str | int | None) -> int | None:
     return value
 
 
+def _target(obj: dict, ref: str | int | None) -> int:
+    value = obj.get("id")
+    if not _is_int(value) or not 1 <= value <= MAX_ID:
+        raise FrameError(BAD_REQUEST, "id must be a positive integer message id", ref)
+    return value
+
+
+def _body(obj: dict, ref: str | int | None, max_body_chars: int) -> str:
+    body = obj.get("body")
+    if not isinstance(body, str) or not body:
+        raise FrameError(BAD_REQUEST, "body must be a non-empty string", ref)
+    if len(body) > max_body_chars:
+        raise FrameError(TOO_LARGE, f"body is longer than {max_body_chars} characters", ref)
+    if not _is_text(body):
+        raise FrameError(
+            BAD_REQUEST, "body must be valid Unicode text without NUL or lone surrogates", ref
+        )
+    return body
+
+
+def _cid(obj: dict, ref: str | int | None) -> str | None:
+    cid = obj.get("cid")
+    if cid is not None and not (isinstance(cid, str) and _CID.fullmatch(cid)):
+        raise FrameError(BAD_REQUEST, "cid must be 1-64 characters of A-Z a-z 0-9 _ -", ref)
+    return cid
+
+
 # One decoder and one encoder for every frame: json.loads and json.dumps with
 # any option build a new one per call, a third of the time for a small frame.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
@@ -179,19 +224,16 @@ def parse(payload: bytes, is_binary: bool, max_body_chars: int) -> ClientFrame:
     kind = obj.get("type")
     if kind == "send":
         room = _room(obj, ref)
-        body = obj.get("body")
-        if not isinstance(body, str) or not body:
-            raise FrameError(BAD_REQUEST, "body must be a non-empty string", ref)
-        if len(body) > max_body_chars:
-            raise FrameError(TOO_LARGE, f"body is longer than {max_body_chars} characters", ref)
-        if not _is_text(body):
-            raise FrameError(
-                BAD_REQUEST, "body must be valid Unicode text without NUL or lone surrogates", ref
-            )
-        cid = obj.get("cid")
-        if cid is not None and not (isinstance(cid, str) and _CID.fullmatch(cid)):
-            raise FrameError(BAD_REQUEST, "cid must be 1-64 characters of A-Z a-z 0-9 _ -", ref)
-        return Send(room, body, ref, cid)
+        body = _body(obj, ref, max_body_chars)
+        return Send(room, body, ref, _cid(obj, ref))
+    if kind == "edit":
+        room = _room(obj, ref)
+        target = _target(obj, ref)
+        body = _body(obj, ref, max_body_chars)
+        return Edit(room, target, body, ref, _cid(obj, ref))
+    if kind == "delete":
+        room = _room(obj, ref)
+        return Delete(room, _target(obj, ref), ref)
     if kind == "join":
         return Join(_room(obj, ref), ref)
     if kind == "leave":
@@ -235,6 +277,44 @@ def message_dict(
     if cid is not None:
         fields["cid"] = cid
     return fields
+
+
+class MessageLike(Protocol):
+    """A stored message or edit/delete event, as the store reads it back."""
+
+    room: str
+    id: int
+    user: str
+    body: str
+    ts: int
+    cid: str | None
+    edits: int | None
+    deletes: int | None
+    edited: int | None
+    deleted: bool
+
+
+def message_fields(m: MessageLike) -> dict[str, Any]:
+    """``m`` as history pages carry it: the protocol 1.1 fields only when they
+    say something, so a version 1 client sees what it always saw."""
+    fields = message_dict(m.room, m.id, m.user, m.body, m.ts, m.cid)
+    if m.edits is not None:
+        fields["edits"] = m.edits
+    if m.deletes is not None:
+        fields["deletes"] = m.deletes
+    if m.edited is not None:
+        fields["edited"] = m.edited
+    if m.deleted:
+        fields["deleted"] = True
+    return fields
+
+
+def message_frame(m: MessageLike) -> bytes:
+    """The ``message`` frame of ``m``, as every member gets it."""
+    if m.edits is None and m.deletes is None and m.edited is None and not m.deleted:
+        return encode_message(m.room, m.id, m.user, m.body, m.ts, m.cid)
+    # Rare (a change, or a changed message read back to fill a gap): the plain way.
+    return encode({"type": "message", **message_fields(m)})
 
 
 # The two frames every message costs, formatted directly: the same bytes as

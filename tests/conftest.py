@@ -95,6 +95,14 @@ def pg_url(postgres: Any) -> str:
     return fresh_database(postgres)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: Any, tmp_path: Any) -> str:
+    """Each store in turn: a test that takes this runs on SQLite and on Postgres."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chat.sqlite3'}"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
 def redis() -> Any:
     """A throwaway redis-server of this test's own (tests kill and restart it)."""

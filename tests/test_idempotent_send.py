@@ -20,13 +20,6 @@ from wsclient import connect
 ensure = pytest_twisted.ensureDeferred
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: Any, tmp_path: Any) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'chat.sqlite3'}"
-    return request.getfixturevalue("pg_url")
-
-
 def ack_fields(ack: dict[str, Any]) -> tuple[Any, ...]:
     return ack["type"], ack["id"], ack.get("cid"), ack.get("duplicate", False)
 
@@ -148,3 +141,59 @@ async def test_a_batch_of_many_cids_with_a_repeat_is_looked_up_in_chunks(databas
         (f"r{r}", n) for r in range(450) for n in (1, 2)
     )
     assert (repeat.id, repeat.ts, repeat.duplicate) == (first.id, first.ts, True)
+
+
+def _terminate(connection: Any, url: str) -> None:
+    """Cut ``connection`` from the server's side, as a network failure would."""
+    killer = psycopg2.connect(url)
+    killer.autocommit = True
+    killer.cursor().execute("SELECT pg_terminate_backend(%s)", (connection.get_backend_pid(),))
+    killer.close()
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["reply-lost", "commit-lost"])
+@ensure
+async def test_a_send_cut_off_at_commit_is_retried_with_its_cid_and_stored_once(
+    make_server, pg_url, monkeypatch, committed
+):
+    """The connection breaks during COMMIT: whether the message was stored cannot be
+    known, so the client gets ``unavailable``. Sent again with the same cid, it is
+    stored exactly once either way: acked as the duplicate it is if the first
+    COMMIT went through, stored now if it did not."""
+    from chatserver.store import postgres as pg
+
+    real = pg.PostgresDialect.store_batch
+    cuts: list[int] = []
+
+    def cut_once(self, cursor, entries, ts):
+        result = real(self, cursor, entries, ts)
+        if not cuts:
+            cuts.append(len(entries))
+            if committed:
+                # The COMMIT went through and its reply is lost: the batch is
+                # committed here, and the COMMIT that follows meets a dead connection.
+                cursor.connection.commit()
+                cursor.execute("SELECT 1")
+            _terminate(cursor.connection, pg_url)
+        return result
+
+    monkeypatch.setattr(pg.PostgresDialect, "store_batch", cut_once)
+    server = make_server(database_url=pg_url, db_pool_size=1)
+    alice = await connect(server.port, "alice")
+    await alice.join("r")
+    frame = {"type": "send", "room": "r", "body": "once", "cid": "k1"}
+    first = await alice.request(dict(frame))
+    assert (first["type"], first["code"]) == ("error", "unavailable")
+    assert cuts == [1]
+    again = await alice.request(dict(frame))
+    assert (again["type"], again["id"], again.get("duplicate", False)) == ("ack", 1, committed)
+    connection = psycopg2.connect(pg_url)
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT id, body, cid FROM messages WHERE room = 'r'")
+        assert cursor.fetchall() == [(1, "once", "k1")]
+    finally:
+        connection.close()
+    # The sequence goes on from there, with no gap.
+    nxt = await alice.request({"type": "send", "room": "r", "body": "next", "cid": "k2"})
+    assert nxt["id"] == 2

@@ -19,7 +19,7 @@ class HeldPool:
 
     def __init__(self, size: int) -> None:
         self.max = size
-        self.held: list[tuple[list[tuple[str, str, str, str | None]], Deferred]] = []
+        self.held: list[tuple[list[tuple[Any, ...]], Deferred]] = []
         self.last: dict[str, int] = {}
 
     def runInteraction(self, func: Any, entries: list, ts: int) -> Deferred:
@@ -30,14 +30,14 @@ class HeldPool:
     def commit(self, index: int = 0) -> list[tuple[str, str, str]]:
         entries, d = self.held.pop(index)
         stored = []
-        for room, _, _, _ in entries:
+        for room, *_ in entries:
             self.last[room] = self.last.get(room, 0) + 1
             stored.append((self.last[room], 1000, False))
         d.callback(stored)
-        return [(room, user, body) for room, user, body, _ in entries]
+        return [(room, user, body) for room, user, body, *_ in entries]
 
     def rooms_in_flight(self) -> list[set[str]]:
-        return [{room for room, _, _, _ in entries} for entries, _ in self.held]
+        return [{room for room, *_ in entries} for entries, _ in self.held]
 
 
 class Store(SQLStore):

@@ -17,6 +17,22 @@ class StoreUnavailable(Exception):
     """The store cannot take or serve this request now; the client may retry later."""
 
 
+class ChangeRefused(Exception):
+    """An edit or delete the store refuses; the message says why, for the client."""
+
+
+class MessageNotFound(ChangeRefused):
+    """The target does not exist, is deleted, or is itself an edit or a delete."""
+
+
+class NotAuthor(ChangeRefused):
+    """Only a message's author may change it (and the admin API may delete it)."""
+
+
+class NotYetWritten(ChangeRefused):
+    """The target's id is past the room's last id: a client's mistake, not a race."""
+
+
 class SchemaError(Exception):
     """The database's schema is not the one this server knows; it must not run against it."""
 
@@ -49,6 +65,12 @@ class StoredMessage:
     cid: str | None = None  # the client's id of its send (protocol 1.1)
     # An append whose (room, user, cid) was stored before: this is that message.
     duplicate: bool = False
+    # An edit or delete event: the id of the message it changes.
+    edits: int | None = None
+    deletes: int | None = None
+    # Read back from history: the ts of the message's last edit; deleted (body "").
+    edited: int | None = None
+    deleted: bool = False
 
 
 class Store(Protocol):
@@ -79,6 +101,20 @@ class Store(Protocol):
         (now or long ago, from any instance), nothing is stored: it fires with that
         message's id and ts, ``duplicate`` set (the body is this append's: a repeat's
         body is not compared, and a duplicate is acked, never delivered)."""
+
+    def edit(
+        self, room: str, user: str, target: int, body: str, cid: str | None = None
+    ) -> Deferred[StoredMessage]:
+        """Fires with the edit event, stored with the room's next id, once the
+        target's body is replaced; fails with a ``ChangeRefused``. A ``cid`` makes
+        it idempotent as for ``append``."""
+
+    def delete(
+        self, room: str, user: str, target: int, by_admin: bool = False
+    ) -> Deferred[StoredMessage]:
+        """Fires with the delete event (the room's next id, body "") once the target's
+        text and its edits' texts are overwritten; ``user`` must be the author unless
+        ``by_admin``. Fails with a ``ChangeRefused``."""
 
     def last_id(self, room: str) -> Deferred[int | None]: ...
 

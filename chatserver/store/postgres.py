@@ -57,11 +57,14 @@ class PostgresDialect(Dialect):
         # in Python (execute_values spends most of a batch's time there).
         data = "".join(
             f"{_copy_text(room)}\t{mid}\t{_copy_text(user)}\t{_copy_text(body)}\t{ts}"
-            f"\t{_copy_text(cid) if cid is not None else _COPY_NULL}\n"
-            for room, mid, user, body, ts, cid in rows
+            f"\t{_copy_text(cid) if cid is not None else _COPY_NULL}"
+            f"\t{_COPY_NULL if edits is None else edits}"
+            f"\t{_COPY_NULL if deletes is None else deletes}\n"
+            for room, mid, user, body, ts, cid, edits, deletes in rows
         )
         cursor.copy_expert(
-            "COPY messages (room, id, username, body, ts, cid) FROM STDIN", io.StringIO(data)
+            "COPY messages (room, id, username, body, ts, cid, edits, deletes) FROM STDIN",
+            io.StringIO(data),
         )
 
     def find_cids(
@@ -77,13 +80,15 @@ class PostgresDialect(Dialect):
         )
         return {(room, user, cid): (mid, ts) for room, user, cid, mid, ts in cursor.fetchall()}
 
-    def lock_rooms(self, cursor: Any, rooms: list[str]) -> None:
+    def lock_rooms(self, cursor: Any, rooms: list[str]) -> dict[str, int]:
         # In name order, as reserve_ids takes them: no deadlock cycle. A room
         # without its row yet locks nothing; two writers racing to store its
         # first message with one cid meet at the unique index (conflict_errors).
         cursor.execute(
-            "SELECT name FROM rooms WHERE name = ANY(%s) ORDER BY name FOR UPDATE", (rooms,)
+            "SELECT name, last_id FROM rooms WHERE name = ANY(%s) ORDER BY name FOR UPDATE",
+            (rooms,),
         )
+        return dict(cursor.fetchall())
 
     def reserve_ids(self, cursor: Any, counts: dict[str, int]) -> dict[str, int]:
         # Every room of the batch in one round trip. Rows are locked in name
@@ -110,15 +115,15 @@ class PostgresDialect(Dialect):
         switched to autocommit for the batch so that psycopg2 sends no BEGIN of
         its own and adbapi's commit afterwards is a no-op.
         """
-        if len(entries) > ONE_STATEMENT_MAX or any(e[3] is not None for e in entries):
-            # Large, or carrying cids to look up first: the general path.
+        if len(entries) > ONE_STATEMENT_MAX or any(e[3] is not None or e[4] for e in entries):
+            # Large, or carrying cids, edits or deletes: the general path.
             return super().store_batch(cursor, entries, ts)
         counts: dict[str, int] = {}
         back: list[int] = []  # how many later messages of its room follow each entry
-        for room, _, _, _ in entries:
+        for room, *_ in entries:
             counts[room] = counts.get(room, 0) + 1
         seen: dict[str, int] = {}
-        for room, _, _, _ in entries:
+        for room, *_ in entries:
             k = seen.get(room, 0) + 1
             seen[room] = k
             back.append(counts[room] - k)
@@ -152,9 +157,7 @@ class PostgresDialect(Dialect):
         finally:
             if not connection.closed:
                 connection.autocommit = False
-        return [
-            (last[room] - b, ts, False) for (room, _, _, _), b in zip(entries, back, strict=True)
-        ]
+        return [(last[room] - b, ts, False) for (room, *_), b in zip(entries, back, strict=True)]
 
     def lock_schema(self, cursor: Any) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))

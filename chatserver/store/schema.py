@@ -49,6 +49,20 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             " WHERE cid IS NOT NULL",
         ],
     ),
+    (
+        5,
+        "edits and deletes: events in the room's sequence, and the folded state of their target",
+        [
+            # On an event row: the id of the message it edits or deletes.
+            "ALTER TABLE messages ADD COLUMN edits BIGINT",
+            "ALTER TABLE messages ADD COLUMN deletes BIGINT",
+            # On a message: the ts of its last edit; deleted (its text is erased).
+            "ALTER TABLE messages ADD COLUMN edited BIGINT",
+            "ALTER TABLE messages ADD COLUMN deleted BOOLEAN NOT NULL DEFAULT FALSE",
+            # A delete erases the texts of the target's edits: found by this index.
+            "CREATE INDEX messages_edits ON messages (room, edits) WHERE edits IS NOT NULL",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

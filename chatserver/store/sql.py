@@ -23,22 +23,46 @@ from twisted.python.failure import Failure
 from chatserver.store import (
     EVERYWHERE,
     Access,
+    ChangeRefused,
     CommitHandler,
+    MessageNotFound,
+    NotAuthor,
+    NotYetWritten,
     SchemaError,
     StoredMessage,
     StoreUnavailable,
 )
 from chatserver.store.schema import LATEST, MIGRATIONS
 
-Row = tuple[str, int, str, str, int, str | None]  # room, id, user, body, ts, cid
+# room, id, user, body, ts, cid, edits, deletes
+Row = tuple[str, int, str, str, int, str | None, int | None, int | None]
 # Users per query (bans after a broker outage, memberships of a room made private):
 # well under any placeholder limit.
 BANS_QUERY_CHUNK = 500
 # Cids looked up per query: each brings its room and cid as two placeholders,
 # under the 999 that SQLite before 3.32 allows.
 CID_QUERY_CHUNK = 400
-Entry = tuple[str, str, str, str | None]  # room, user, body, cid
-Stored = tuple[int, int, bool]  # id, ts, duplicate: what store_batch says of each entry
+# What an entry asks for: a message, or a change of the message ``target``.
+SEND, EDIT, DELETE, ADMIN_DELETE = 0, 1, 2, 3
+Entry = tuple[str, str, str, str | None, int, int]  # room, user, body, cid, op, target
+# What store_batch says of each entry: (id, ts, duplicate), or why a change was refused.
+Stored = tuple[int, int, bool] | ChangeRefused
+
+
+class _Target:
+    """What deciding on an edit or delete needs to know of its target."""
+
+    __slots__ = ("deleted", "is_event", "user")
+
+    def __init__(self, user: str, is_event: bool, deleted: bool) -> None:
+        self.user = user
+        self.is_event = is_event
+        self.deleted = deleted
+
+
+class Conflict(Exception):
+    """Another writer changed what this transaction read first; nothing is
+    committed and the batch is simply written again."""
 
 
 class Dialect:
@@ -60,16 +84,69 @@ class Dialect:
     def insert_messages(self, cursor: Any, rows: Sequence[Row]) -> None:
         cursor.executemany(
             self.sql(
-                "INSERT INTO messages (room, id, username, body, ts, cid)"
-                " VALUES (%s,%s,%s,%s,%s,%s)"
+                "INSERT INTO messages (room, id, username, body, ts, cid, edits, deletes)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
             ),
             rows,
         )
 
-    def lock_rooms(self, cursor: Any, rooms: list[str]) -> None:
-        """Hold the counter rows of ``rooms`` (sorted) to commit, before looking for
-        cids: a writer of the same room storing the same cid then commits first and
-        is seen (SQLite has one writer at a time)."""
+    def lock_rooms(self, cursor: Any, rooms: list[str]) -> dict[str, int]:
+        """Hold the counter rows of ``rooms`` (sorted) to commit and return their
+        last ids, before looking for cids or targets: a writer of the same room
+        then commits first and is seen (SQLite has one writer at a time)."""
+        last: dict[str, int] = {}
+        for start in range(0, len(rooms), BANS_QUERY_CHUNK):
+            chunk = rooms[start : start + BANS_QUERY_CHUNK]
+            marks = ",".join(["%s"] * len(chunk))
+            cursor.execute(
+                self.sql(f"SELECT name, last_id FROM rooms WHERE name IN ({marks})"), chunk
+            )
+            last.update(cursor.fetchall())
+        return last
+
+    def find_targets(
+        self, cursor: Any, wanted: dict[str, set[int]]
+    ) -> dict[tuple[str, int], _Target]:
+        """What is stored of the messages that edits and deletes name, by room."""
+        found: dict[tuple[str, int], _Target] = {}
+        for room, ids in wanted.items():
+            ordered = sorted(ids)
+            for start in range(0, len(ordered), BANS_QUERY_CHUNK):
+                chunk = ordered[start : start + BANS_QUERY_CHUNK]
+                marks = ",".join(["%s"] * len(chunk))
+                cursor.execute(
+                    self.sql(
+                        "SELECT id, username, edits IS NOT NULL OR deletes IS NOT NULL, deleted"
+                        f" FROM messages WHERE room = %s AND id IN ({marks})"
+                    ),
+                    [room, *chunk],
+                )
+                for mid, user, is_event, deleted in cursor.fetchall():
+                    found[(room, mid)] = _Target(user, bool(is_event), bool(deleted))
+        return found
+
+    def apply_changes(
+        self,
+        cursor: Any,
+        edits: list[tuple[str, int, str, int]],
+        deletes: list[tuple[str, int]],
+    ) -> None:
+        """Fold edits (room, target, body, ts) into their targets, then erase the
+        deleted (room, target): the text itself is overwritten, the target's and
+        its edits', so no copy of it is left in the table."""
+        if edits:
+            cursor.executemany(
+                self.sql("UPDATE messages SET body = %s, edited = %s WHERE room = %s AND id = %s"),
+                [(body, ts, room, target) for room, target, body, ts in edits],
+            )
+        if deletes:
+            cursor.executemany(
+                self.sql("UPDATE messages SET body = '', deleted = %s WHERE room = %s AND id = %s"),
+                [(True, room, target) for room, target in deletes],
+            )
+            cursor.executemany(
+                self.sql("UPDATE messages SET body = '' WHERE room = %s AND edits = %s"), deletes
+            )
 
     def find_cids(
         self, cursor: Any, keys: set[tuple[str, str, str]]
@@ -124,7 +201,9 @@ class Dialect:
         Raises a connection error only when nothing can have been committed
         (the caller retries those on a fresh connection).
         """
-        keys = [(room, user, cid) for room, user, _, cid in entries if cid is not None]
+        if any(e[4] != SEND for e in entries):
+            return self._store_changes(cursor, entries, ts)
+        keys = [(room, user, cid) for room, user, _, cid, _, _ in entries if cid is not None]
         if len(set(keys)) == len(keys):
             try:
                 return self._insert(cursor, entries, ts, {}, {})
@@ -135,7 +214,7 @@ class Dialect:
         self.lock_rooms(cursor, sorted({room for room, _, _ in keys}))
         found = self.find_cids(cursor, set(keys))
         first: dict[tuple[str, str, str], int] = {}
-        for i, (room, user, _, cid) in enumerate(entries):
+        for i, (room, user, _, cid, _, _) in enumerate(entries):
             if cid is None:
                 continue
             key = (room, user, cid)
@@ -158,29 +237,113 @@ class Dialect:
         """Reserve ids for the entries that are neither ``stored`` nor repeat an
         ``earlier`` one, and insert those."""
         counts: dict[str, int] = {}
-        for i, (room, _, _, _) in enumerate(entries):
+        for i, (room, _, _, _, _, _) in enumerate(entries):
             if i not in stored and i not in earlier:
                 counts[room] = counts.get(room, 0) + 1
         last = self.reserve_ids(cursor, counts) if counts else {}
         next_id = {room: last[room] - n + 1 for room, n in counts.items()}
         result: list[Stored] = []
         rows: list[Row] = []
-        for i, (room, user, body, cid) in enumerate(entries):
+        for i, (room, user, body, cid, _, _) in enumerate(entries):
             if i in stored:
                 result.append((*stored[i], True))
             elif i in earlier:
-                result.append((result[earlier[i]][0], ts, True))
+                result.append((result[earlier[i]][0], ts, True))  # type: ignore[index]
             else:
                 mid = next_id[room]
                 next_id[room] = mid + 1
                 result.append((mid, ts, False))
-                rows.append((room, mid, user, body, ts, cid))
+                rows.append((room, mid, user, body, ts, cid, None, None))
         if rows:
             self.insert_messages(cursor, rows)
         return result
 
+    def _store_changes(self, cursor: Any, entries: Sequence[Entry], ts: int) -> list[Stored]:
+        """A batch with edits or deletes: each entry is decided in order, against
+        what is stored and what the entries before it did (a message and its edit
+        may share a batch), under its rooms' counter locks. Refused changes take
+        no id, so ids stay gap-free. Edits and deletes are rare: this path looks
+        everything up first instead of optimistically inserting."""
+        rooms = sorted({e[0] for e in entries})
+        last = self.lock_rooms(cursor, rooms)
+        keys = {(room, user, cid) for room, user, _, cid, _, _ in entries if cid is not None}
+        found = self.find_cids(cursor, keys) if keys else {}
+        wanted: dict[str, set[int]] = {}
+        for room, _, _, _, op, target in entries:
+            if op != SEND and 0 < target <= last.get(room, 0):
+                wanted.setdefault(room, set()).add(target)
+        targets = self.find_targets(cursor, wanted)
+        next_id = {room: last.get(room, 0) + 1 for room in rooms}
+        first: dict[tuple[str, str, str], int] = {}  # a cid's (room, user, cid) -> its new id
+        result: list[Stored] = []
+        rows: list[Row] = []
+        edits: list[tuple[str, int, str, int]] = []
+        deletes: list[tuple[str, int]] = []
+        for room, user, body, cid, op, target in entries:
+            key = (room, user, cid) if cid is not None else None
+            if key is not None and key in found:
+                result.append((*found[key], True))
+                continue
+            if key is not None and key in first:
+                result.append((first[key], ts, True))
+                continue
+            if op != SEND:
+                refused = self._refusal(room, user, op, target, next_id[room], targets)
+                if refused is not None:
+                    result.append(refused)
+                    continue
+            mid = next_id[room]
+            next_id[room] = mid + 1
+            if key is not None:
+                first[key] = mid
+            targets[(room, mid)] = _Target(user, op != SEND, False)
+            if op == EDIT:
+                edits.append((room, target, body, ts))
+                rows.append((room, mid, user, body, ts, cid, target, None))
+            elif op in (DELETE, ADMIN_DELETE):
+                targets[(room, target)].deleted = True
+                deletes.append((room, target))
+                rows.append((room, mid, user, "", ts, cid, None, target))
+            else:
+                rows.append((room, mid, user, body, ts, cid, None, None))
+            result.append((mid, ts, False))
+        counts = {room: n - last.get(room, 0) - 1 for room, n in next_id.items()}
+        counts = {room: n for room, n in counts.items() if n}
+        if counts:
+            reserved = self.reserve_ids(cursor, counts)
+            if any(reserved[room] != next_id[room] - 1 for room in counts):
+                # A room's first row was created by another writer meanwhile.
+                raise Conflict("a room's counter moved while the batch was decided")
+        if rows:
+            self.insert_messages(cursor, rows)
+        self.apply_changes(cursor, edits, deletes)
+        return result
+
+    @staticmethod
+    def _refusal(
+        room: str,
+        user: str,
+        op: int,
+        target: int,
+        next_id: int,
+        targets: dict[tuple[str, int], _Target],
+    ) -> ChangeRefused | None:
+        if target >= next_id:
+            return NotYetWritten(f"{room} has no message {target} yet")
+        found = targets.get((room, target))
+        if found is None or found.is_event or found.deleted:
+            return MessageNotFound(f"no message {target} in {room}")
+        if op != ADMIN_DELETE and found.user != user:
+            verb = "edit" if op == EDIT else "delete"
+            return NotAuthor(f"only its author may {verb} message {target}")
+        return None
+
     def lock_schema(self, cursor: Any) -> None:
         """Keep two servers from migrating at once (Postgres locks; SQLite has one writer)."""
+
+    def after_erasure(self, cursor: Any) -> None:
+        """After a committed delete, outside any transaction: let go of old copies
+        of the erased text that the database keeps beside the table."""
 
 
 class CommitUnknown(Exception):
@@ -244,16 +407,25 @@ def _fire_now(fire: Callable[[], None]) -> None:
 
 
 class _Pending:
-    __slots__ = ("body", "cid", "deferred", "room", "user")
+    __slots__ = ("body", "cid", "deferred", "op", "room", "target", "user")
 
     def __init__(
-        self, room: str, user: str, body: str, cid: str | None, deferred: Deferred
+        self,
+        room: str,
+        user: str,
+        body: str,
+        cid: str | None,
+        deferred: Deferred,
+        op: int = SEND,
+        target: int = 0,
     ) -> None:
         self.room = room
         self.user = user
         self.body = body
         self.cid = cid
         self.deferred = deferred
+        self.op = op
+        self.target = target
 
 
 class SQLStore:
@@ -302,6 +474,23 @@ class SQLStore:
     def append(
         self, room: str, user: str, body: str, cid: str | None = None
     ) -> Deferred[StoredMessage]:
+        return self._enqueue(room, user, body, cid, SEND, 0)
+
+    def edit(
+        self, room: str, user: str, target: int, body: str, cid: str | None = None
+    ) -> Deferred[StoredMessage]:
+        return self._enqueue(room, user, body, cid, EDIT, target)
+
+    def delete(
+        self, room: str, user: str, target: int, by_admin: bool = False
+    ) -> Deferred[StoredMessage]:
+        return self._enqueue(room, user, "", None, ADMIN_DELETE if by_admin else DELETE, target)
+
+    def _enqueue(
+        self, room: str, user: str, body: str, cid: str | None, op: int, target: int
+    ) -> Deferred[StoredMessage]:
+        """Edits and deletes queue with their room's messages: one room's events are
+        decided in the order they came, each seeing what the ones before did."""
         if self._closed:
             return fail(StoreUnavailable("server is shutting down"))
         if self._waiting >= self._queue_max:
@@ -311,7 +500,7 @@ class SQLStore:
         waiting = self._rooms.get(room)
         if waiting is None:
             waiting = self._rooms[room] = deque()
-        waiting.append(_Pending(room, user, body, cid, d))
+        waiting.append(_Pending(room, user, body, cid, d, op, target))
         self._waiting += 1
         if self._soon is None:
             # At the end of this reactor turn, not now: started at the first
@@ -369,8 +558,10 @@ class SQLStore:
 
     def _write(self, batch: list[_Pending], attempts_left: int) -> None:
         ts = int(self._clock.seconds() * 1000)
-        entries: list[Entry] = [(p.room, p.user, p.body, p.cid) for p in batch]
+        entries: list[Entry] = [(p.room, p.user, p.body, p.cid, p.op, p.target) for p in batch]
         d = self._interaction(self._write_batch, entries, ts)
+        if any(p.op >= DELETE for p in batch):
+            d.addCallback(self._erased)
         d.addCallbacks(
             self._written,
             self._write_failed,
@@ -384,21 +575,49 @@ class SQLStore:
             return self._dialect.store_batch(txn, entries, ts)
         except self._dialect.connection_errors as e:
             raise _BeforeCommit(e) from e
-        except self._dialect.conflict_errors as e:
-            # Raised by a statement, so adbapi rolls the transaction back.
+        except (Conflict, *self._dialect.conflict_errors) as e:
+            # Raised before COMMIT, so adbapi rolls the transaction back.
             raise _BeforeCommit(e) from e
+
+    def _erased(self, results: list[Stored]) -> Deferred[list[Stored]]:
+        """A batch that deleted is acked once the database has let go of the
+        erased text too (SQLite: its write-ahead log; a no-op elsewhere)."""
+
+        def after(txn: Any) -> None:
+            self._dialect.after_erasure(txn)
+
+        def done(outcome: Any) -> list[Stored]:
+            if isinstance(outcome, Failure):
+                self.log.warn("erasing deleted text: {error}", error=repr(outcome.value))
+            return results
+
+        return self._interaction(after).addBoth(done)
 
     def _written(self, results: list[Stored], batch: list[_Pending], ts: int) -> None:
         self._in_flight -= 1
         self._release(batch)
         self.batches += 1
-        self.stored += sum(1 for _, _, duplicate in results if not duplicate)
+        self.stored += sum(1 for r in results if not isinstance(r, ChangeRefused) and not r[2])
         self.last_batch_size = len(batch)
 
         def fire() -> None:
-            for p, (mid, at, duplicate) in zip(batch, results, strict=True):
+            for p, outcome in zip(batch, results, strict=True):
+                if isinstance(outcome, ChangeRefused):
+                    p.deferred.errback(outcome)
+                    continue
+                mid, at, duplicate = outcome
                 p.deferred.callback(
-                    StoredMessage(p.room, mid, p.user, p.body, at, p.cid, duplicate)
+                    StoredMessage(
+                        p.room,
+                        mid,
+                        p.user,
+                        p.body,
+                        at,
+                        p.cid,
+                        duplicate,
+                        p.target if p.op == EDIT else None,
+                        p.target if p.op >= DELETE else None,
+                    )
                 )
 
         self._on_commit(fire)
@@ -492,7 +711,10 @@ class SQLStore:
     def history(
         self, room: str, before: int | None, after: int | None, limit: int
     ) -> Deferred[tuple[list[StoredMessage], bool]]:
-        cols = "SELECT id, username, body, ts, cid FROM messages WHERE room = %s"
+        cols = (
+            "SELECT id, username, body, ts, cid, edits, deletes, edited, deleted"
+            " FROM messages WHERE room = %s"
+        )
         if after is not None:
             query = cols + " AND id > %s ORDER BY id ASC LIMIT %s"
             args: tuple = (room, after, limit + 1)
@@ -511,7 +733,13 @@ class SQLStore:
             rows = rows[:limit]
             if after is None:
                 rows.reverse()
-            return [StoredMessage(room, r[0], r[1], r[2], r[3], r[4]) for r in rows], more
+            messages = [
+                StoredMessage(
+                    room, mid, user, body, at, cid, False, edits, deletes, edited, bool(gone)
+                )
+                for mid, user, body, at, cid, edits, deletes, edited, gone in rows
+            ]
+            return messages, more
 
         return self._run(q)
 
