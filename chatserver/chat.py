@@ -11,6 +11,7 @@ behind Redis. The path of a ``send`` reads top to bottom: ``handle`` ->
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from chatserver.store import (
     ChangeRefused,
     MessageNotFound,
     NotAuthor,
+    NotYetWritten,
     Store,
     StoredMessage,
     StoreUnavailable,
@@ -42,6 +44,9 @@ from chatserver.store import (
 CLOSE_POLICY = 1008
 CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_BANNED = 4003
+
+# (user, room) pairs the typing throttle remembers before it forgets expired ones.
+TYPING_TRACKED_MAX = 10_000
 
 # The reason of the ``kicked`` frame a non-member gets when its room is made private.
 KICKED_PRIVATE = "private"
@@ -85,6 +90,15 @@ class Chat:
         # ends, so that no ban misses one; a list: most users have one.
         self.users: dict[str, list[Session]] = {}
         self.errors: Counter[str] = Counter()
+        # (user, room) -> when its last typing frame was relayed from here.
+        self._typing: dict[tuple[str, str], float] = {}
+        self._typing_prune_at = TYPING_TRACKED_MAX
+        self.typing_relayed = 0
+        self.typing_dropped = 0
+        self.reads_stored = 0  # read markers moved forward
+        # Names this instance on the control channel: it applies its own at once.
+        self._origin = os.urandom(8).hex()
+        registry.sinks_of = self._sinks_of
         self.frames = 0
         self.sends = 0
         self.edits = 0
@@ -254,6 +268,10 @@ class Chat:
             self._membership(session, frame.room, frame.ref, self._send, frame)
         elif isinstance(frame, wire.Edit | wire.Delete):
             self._membership(session, frame.room, frame.ref, self._change, frame)
+        elif isinstance(frame, wire.Read):
+            self._membership(session, frame.room, frame.ref, self._read, frame)
+        elif isinstance(frame, wire.Typing):
+            self._membership(session, frame.room, frame.ref, self._typing_frame, frame)
         elif isinstance(frame, wire.History):
             self._membership(session, frame.room, frame.ref, self._history, frame)
         elif isinstance(frame, wire.Join):
@@ -309,6 +327,10 @@ class Chat:
             return
         if op == "kick" and isinstance(room, str) and isinstance(user, str):
             self._apply_kick(room, user, str(reason))
+        elif op == "read" and isinstance(user, str) and msg.get("from") != self._origin:
+            marker = msg.get("id")
+            if wire.is_valid_name(room) and isinstance(marker, int):
+                self._tell_read(room, user, marker)
         elif op == "private" and wire.is_valid_name(room):
             Deferred.fromCoroutine(self._apply_private(room))
 
@@ -411,9 +433,11 @@ class Chat:
         if room in session.rooms:
             pending = session.rooms[room]
             if pending is None:
-                self._send_frame(
-                    session, wire.reply("joined", frame.ref, room=room, last_id=self._last_id(room))
-                )
+                # Joined already: nothing changes, but the answer is as fresh as a
+                # first join's, read state included.
+                d = self._store.access(room, session.user, self._config.unread_max)
+                d.addCallback(lambda access: (self._last_id(room), access))
+                d.addBoth(self._joined, session, frame)
             else:
                 pending.addBoth(self._joined, session, frame)
             return
@@ -423,12 +447,14 @@ class Chat:
                 session, wire.FORBIDDEN, f"a connection may join at most {limit} rooms", frame.ref
             )
             return
-        d = self._store.access(room, session.user)
+        d = self._store.access(room, session.user, self._config.unread_max)
         session.rooms[room] = d  # joining, before any callback (a store may answer at once)
         d.addCallback(self._check_access, session, room)
         d.addBoth(self._joined, session, frame)
 
-    def _check_access(self, access: Access, session: Session, room: str) -> Deferred[int]:
+    def _check_access(
+        self, access: Access, session: Session, room: str
+    ) -> Deferred[tuple[int, Access]] | None:
         if access.banned:
             raise AccessDenied(f"you are banned from {room}")
         # The token's claim admits, unless the admin API removed the user since.
@@ -436,7 +462,9 @@ class Chat:
             raise AccessDenied(f"{room} is private")
         if room not in session.rooms or not session.open:
             return None  # left (or gone) meanwhile; _joined sorts it out
-        return self.registry.join(session.transport, room)
+        return self.registry.join(session.transport, room).addCallback(
+            lambda last_id: (last_id, access)
+        )
 
     def _last_id(self, room: str) -> int | None:
         hosted = self.registry.rooms.get(room)
@@ -462,10 +490,20 @@ class Chat:
                     session, wire.NOT_MEMBER, f"left {room} before the join completed", frame.ref
                 )
             return result
-        session.rooms[room] = None
-        self.joins += 1
+        if session.rooms[room] is not None:
+            session.rooms[room] = None
+            self.joins += 1
+        last_id, access = result
         self._send_frame(
-            session, wire.reply("joined", frame.ref, room=room, last_id=result or None)
+            session,
+            wire.reply(
+                "joined",
+                frame.ref,
+                room=room,
+                last_id=last_id or None,
+                last_read=access.last_read,
+                unread=access.unread,
+            ),
         )
         return result
 
@@ -492,6 +530,85 @@ class Chat:
             self.deletes += 1
             d = self._store.delete(frame.room, session.user, frame.id)
         d.addCallbacks(self._stored, self._not_stored, (session, frame), None, (session, frame))
+
+    def _read(self, session: Session, frame: wire.Read) -> None:
+        """Stored first; then every connection of the user hears of it, here at once
+        and on the other instances over the control channel."""
+        d = self._store.set_read(frame.room, session.user, frame.id)
+
+        def stored(result: tuple[int, bool]) -> None:
+            marker, moved = result
+            if moved:
+                self.reads_stored += 1
+                self._tell_read(frame.room, session.user, marker, session, frame.ref)
+                payload = {
+                    "op": "read",
+                    "room": frame.room,
+                    "user": session.user,
+                    "reason": "",
+                    "id": marker,
+                    "from": self._origin,
+                }
+                self._broker.publish_control(wire.encode(payload))
+            elif session.open:  # not forward of what is stored: the sender learns where it is
+                self._send_frame(session, wire.reply("read", frame.ref, room=frame.room, id=marker))
+
+        def failed(failure: Failure) -> None:
+            if not session.open:
+                return
+            if failure.check(NotYetWritten):
+                self._error(session, wire.BAD_REQUEST, str(failure.value), frame.ref)
+            else:
+                if not failure.check(StoreUnavailable):
+                    self.log.failure("storing a read marker failed", failure)
+                self._error(
+                    session, wire.UNAVAILABLE, "read marker not stored; try again", frame.ref
+                )
+
+        d.addCallbacks(stored, failed)
+
+    def _tell_read(
+        self,
+        room: str,
+        user: str,
+        marker: int,
+        sender: Session | None = None,
+        ref: str | int | None = None,
+    ) -> None:
+        """``read`` to every open connection of ``user`` here; the sender's carries its ref."""
+        for session in self.users.get(user, ()):
+            if session.open:
+                mine = ref if session is sender else None
+                self._send_frame(session, wire.reply("read", mine, room=room, id=marker))
+
+    def _typing_frame(self, session: Session, frame: wire.Typing) -> None:
+        """Relayed at most once per ``typing_interval`` per user and room from this
+        instance; extras are dropped without an answer (the protocol's choice)."""
+        now = self._clock.seconds()
+        key = (session.user, frame.room)
+        last = self._typing.get(key)
+        if last is not None and now - last < self._config.typing_interval:
+            self.typing_dropped += 1
+            return
+        if len(self._typing) >= self._typing_prune_at:
+            self._forget_typing(now)
+        self._typing[key] = now
+        self.typing_relayed += 1
+        self.registry.relay(
+            frame.room,
+            session.user,
+            wire.encode({"type": "typing", "room": frame.room, "user": session.user}),
+        )
+
+    def _forget_typing(self, now: float) -> None:
+        """Bound the throttle's memory: entries past their interval decide nothing."""
+        interval = self._config.typing_interval
+        self._typing = {k: t for k, t in self._typing.items() if now - t < interval}
+        # Amortised: the next sweep waits until the live entries have doubled.
+        self._typing_prune_at = max(TYPING_TRACKED_MAX, 2 * len(self._typing))
+
+    def _sinks_of(self, user: str) -> list[Transport]:
+        return [s.transport for s in self.users.get(user, ()) if s.transport is not None]
 
     def _stored(
         self, message: StoredMessage, session: Session, frame: wire.Send | wire.Edit | wire.Delete

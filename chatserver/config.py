@@ -193,6 +193,12 @@ class Config:
     max_bad_frames: int = _setting(
         20, "Bad frames tolerated on one connection before it is closed with 1008."
     )
+    unread_max: int = _setting(
+        1000, "Most unread messages counted for 'joined' (the count stops there)."
+    )
+    typing_interval: float = _setting(
+        2.0, "Seconds between two typing relays of one user in one room; extras are dropped."
+    )
     store_queue_max: int = _setting(
         10000, "Messages waiting to be stored before sends get 'unavailable'."
     )
@@ -232,6 +238,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_bad_frames": (1, 1_000_000),
     "store_queue_max": (1, 10_000_000),
     "store_batch_max": (1, 100_000),
+    "unread_max": (1, 1_000_000),
+    "typing_interval": (0, 3600),
     "gap_timeout": (0.001, 60),
     "redis_publishers": (1, 64),
     "jwt_leeway": (0, 3600),

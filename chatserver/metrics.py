@@ -59,6 +59,11 @@ class ServerCollector:
         yield _counter(
             "messages_stored", "Messages and edit/delete events committed.", store.stored
         )
+        yield _counter("typing_relayed", "typing frames relayed to a room.", chat.typing_relayed)
+        yield _counter(
+            "typing_dropped", "typing frames dropped by typing_interval.", chat.typing_dropped
+        )
+        yield _counter("read_markers", "Read markers moved forward.", chat.reads_stored)
         yield _counter(
             "messages_delivered", "Message frames written to local members.", s.delivery.delivered
         )

@@ -12,6 +12,9 @@ id order, however the broker behaves.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Collection
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -50,6 +53,20 @@ def split_payload(payload: bytes) -> tuple[int, bytes]:
     return int(head), frame
 
 
+# A frame with no id (typing): not stored, not ordered, never filled from the
+# store. Its head is this mark, the publishing instance (which delivered it
+# already and skips its own echo) and the sender's name (whose connections it skips).
+RELAY = b"~"
+
+
+def relay_payload(origin: bytes, user: str, frame: bytes) -> bytes:
+    return b"%s %s %s %s" % (RELAY, origin, user.encode(), frame)
+
+
+def _no_sinks(user: str) -> Collection[Sink]:
+    return ()
+
+
 class RoomRegistry:
     log = Logger()
 
@@ -69,6 +86,10 @@ class RoomRegistry:
         self.rooms: dict[str, Room] = {}
         self.gap_fills = 0
         self.dropped_broker_frames = 0
+        self.relayed = 0  # relay frames written to local members
+        self._origin = os.urandom(8).hex().encode()
+        # The connections of a user here, whom a relay of theirs skips (set by the core).
+        self.sinks_of: Callable[[str], Collection[Sink]] = _no_sinks
 
     # -- membership -----------------------------------------------------------
 
@@ -154,7 +175,33 @@ class RoomRegistry:
             for room, payload in messages:
                 self.on_broker_message(room, payload)
 
+    def relay(self, room: str, user: str, frame: bytes) -> None:
+        """A frame for the other members of ``room`` (not ``user``'s connections)
+        on every instance, with no id: it is not stored and never filled."""
+        self._relay_here(room, user, frame)
+        self._broker.publish(room, relay_payload(self._origin, user, frame))
+
+    def _relay_here(self, name: str, user: str, frame: bytes) -> None:
+        room = self.rooms.get(name)
+        if room is None or not room.ready or not room.members:
+            return
+        own = self.sinks_of(user)
+        data = wire.text_frame(frame)
+        for member in room.members:
+            if member not in own:
+                self.delivery.to_connection(member, data)
+                self.relayed += 1
+
     def on_broker_message(self, room: str, payload: bytes) -> None:
+        if payload[:2] == RELAY + b" ":
+            try:
+                origin, user, frame = payload[2:].split(b" ", 2)
+            except ValueError:
+                self.dropped_broker_frames += 1
+                return
+            if origin != self._origin:
+                self._relay_here(room, user.decode("utf-8", "replace"), frame)
+            return
         try:
             message_id, frame = split_payload(payload)
         except ValueError:

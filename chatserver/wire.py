@@ -56,6 +56,7 @@ class FrameError(Exception):
 class Join:
     room: str
     ref: str | int | None = None
+    presence: bool = False  # protocol 1.1: this connection follows who is online
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,25 @@ class Delete:
 
 
 @dataclass(frozen=True, slots=True)
+class Read:
+    room: str
+    id: int
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    room: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    room: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class History:
     room: str
     before: int | None = None
@@ -102,7 +122,7 @@ class Ping:
     ref: str | int | None = None
 
 
-ClientFrame = Join | Leave | Send | Edit | Delete | History | Ping
+ClientFrame = Join | Leave | Send | Edit | Delete | Read | Typing | PresenceQuery | History | Ping
 
 
 def is_valid_name(name: object) -> bool:
@@ -235,7 +255,18 @@ def parse(payload: bytes, is_binary: bool, max_body_chars: int) -> ClientFrame:
         room = _room(obj, ref)
         return Delete(room, _target(obj, ref), ref)
     if kind == "join":
-        return Join(_room(obj, ref), ref)
+        room = _room(obj, ref)
+        presence = obj.get("presence", False)
+        if not isinstance(presence, bool):
+            raise FrameError(BAD_REQUEST, "presence must be true or false", ref)
+        return Join(room, ref, presence)
+    if kind == "read":
+        room = _room(obj, ref)
+        return Read(room, _target(obj, ref), ref)
+    if kind == "typing":
+        return Typing(_room(obj, ref), ref)
+    if kind == "presence":
+        return PresenceQuery(_room(obj, ref), ref)
     if kind == "leave":
         return Leave(_room(obj, ref), ref)
     if kind == "history":

@@ -91,7 +91,7 @@ class FakeStore:
     def last_id(self, room: str) -> Deferred:
         return succeed(self.last.get(room))
 
-    def access(self, room: str, user: str) -> Deferred:
+    def access(self, room: str, user: str, unread_max: int = 0) -> Deferred:
         return succeed(Access(private=False, member=False, banned=False))
 
     def banned_everywhere(self, user: str) -> Deferred:
@@ -302,7 +302,7 @@ def test_a_send_waiting_for_its_join_is_dropped_if_the_session_is_closed_meanwhi
     core = Core()
     alice, _ = core.connect("alice")
     access: Deferred = Deferred()
-    core.store.access = lambda room, user: access
+    core.store.access = lambda room, user, unread_max=0: access
     core.frame(alice, type="join", room="r")
     core.frame(alice, type="send", room="r", body="queued behind the join")
     core.chat.kick(EVERYWHERE, "alice", "banned")

@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from wsclient import connect, http_json
+from wsclient import connect, http_json, in_room
 
 ensure = pytest_twisted.ensureDeferred
 KEY = "admin-key-for-tests-at-least-32-bytes"
@@ -42,10 +42,7 @@ async def test_the_author_edits_and_deletes_and_every_member_sees_the_events(
     make_server, database_url
 ):
     server = make_server(database_url=database_url)
-    alice = await connect(server.port, "alice")
-    bob = await connect(server.port, "bob")
-    for c in (alice, bob):
-        await c.join("r")
+    alice, bob = await in_room(server.port, "r", "alice", "bob")
     sent = await alice.request({"type": "send", "room": "r", "body": "helo wrold"})
     assert (await bob.expect("message"))["id"] == 1
 
@@ -85,10 +82,7 @@ async def test_the_author_edits_and_deletes_and_every_member_sees_the_events(
 @ensure
 async def test_refused_changes_get_clear_errors_and_take_no_id(make_server, database_url):
     server = make_server(database_url=database_url)
-    alice = await connect(server.port, "alice")
-    bob = await connect(server.port, "bob")
-    for c in (alice, bob):
-        await c.join("r")
+    alice, bob = await in_room(server.port, "r", "alice", "bob")
     await alice.request({"type": "send", "room": "r", "body": "mine"})
     await alice.request({"type": "edit", "room": "r", "id": 1, "body": "still mine"})
 
@@ -221,10 +215,7 @@ async def test_an_edit_with_a_cid_is_stored_once(make_server, database_url):
 @ensure
 async def test_the_admin_api_deletes_anyones_message(make_server, database_url):
     server = make_server(database_url=database_url, admin_api_key=KEY)
-    alice = await connect(server.port, "alice")
-    bob = await connect(server.port, "bob")
-    for c in (alice, bob):
-        await c.join("r")
+    alice, bob = await in_room(server.port, "r", "alice", "bob")
     await alice.request({"type": "send", "room": "r", "body": "rude"})
     await bob.expect("message")
 

@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from wsclient import connect
+from wsclient import connect, in_room
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -29,10 +29,7 @@ async def test_a_repeated_cid_is_acked_with_the_first_id_and_delivered_once(
     make_server, database_url
 ):
     server = make_server(database_url=database_url)
-    alice = await connect(server.port, "alice")
-    bob = await connect(server.port, "bob")
-    for c in (alice, bob):
-        await c.join("r")
+    alice, bob = await in_room(server.port, "r", "alice", "bob")
     first = await alice.request({"type": "send", "room": "r", "body": "hi", "cid": "c-1"})
     assert ack_fields(first) == ("ack", 1, "c-1", False)
     got = await bob.expect("message")

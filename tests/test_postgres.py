@@ -87,7 +87,7 @@ def test_server_refuses_an_unmigrated_or_newer_schema(postgres):
         [str(admin), "migrate", "--database-url", url], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    assert "applied migrations: [1, 2, 3, 4, 5]" in done.stdout
+    assert "applied migrations: [1, 2, 3, 4, 5, 6]" in done.stdout
     again = subprocess.run(
         [str(admin), "migrate", "--database-url", url], capture_output=True, text=True
     )

@@ -161,6 +161,14 @@ class _RawHTTP(Protocol):
             self.done.callback(self.data)
 
 
+async def in_room(port: int, room: str, *users: str) -> list[Client]:
+    """One connection per user, each joined to ``room``: the opening of most tests."""
+    clients = [await connect(port, user) for user in users]
+    for client in clients:
+        await client.join(room)
+    return clients
+
+
 async def raw_request(port: int, request: bytes) -> bytes:
     """Send raw bytes, return what came back up to the end of the response headers."""
     proto = _RawHTTP(request)

@@ -53,6 +53,11 @@ class Access:
     banned: bool
     # Removed by the admin API and not added again: outranks the token's rooms claim.
     removed: bool = False
+    # The user's read marker in the room (None: never read), and how many messages
+    # of others after it (edit and delete events and deleted messages not counted),
+    # at most the ``unread_max`` asked for.
+    last_read: int | None = None
+    unread: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +127,14 @@ class Store(Protocol):
         self, room: str, before: int | None, after: int | None, limit: int
     ) -> Deferred[tuple[list[StoredMessage], bool]]: ...
 
-    def access(self, room: str, user: str) -> Deferred[Access]: ...
+    def access(self, room: str, user: str, unread_max: int = 0) -> Deferred[Access]:
+        """What a join needs, in one round trip: whether ``user`` may join ``room``,
+        and, with ``unread_max``, where they stopped reading it."""
+
+    def set_read(self, room: str, user: str, id: int) -> Deferred[tuple[int, bool]]:
+        """Move ``user``'s read marker in ``room`` forward to ``id``; fires with the
+        marker now stored and whether it moved. Fails ``NotYetWritten`` for an id
+        past the room's last."""
 
     def banned_everywhere(self, user: str) -> Deferred[bool]: ...
 

@@ -63,6 +63,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX messages_edits ON messages (room, edits) WHERE edits IS NOT NULL",
         ],
     ),
+    (
+        6,
+        "read markers: how far each user has read each room",
+        [
+            "CREATE TABLE read_markers ("
+            " room TEXT NOT NULL, username TEXT NOT NULL, id BIGINT NOT NULL,"
+            " PRIMARY KEY (room, username))",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -745,8 +745,16 @@ class SQLStore:
 
     # -- access ---------------------------------------------------------------
 
-    def access(self, room: str, user: str) -> Deferred[Access]:
+    def access(self, room: str, user: str, unread_max: int = 0) -> Deferred[Access]:
         sql = self._dialect.sql
+        marker_q = sql("SELECT id FROM read_markers WHERE room = %s AND username = %s")
+        # The primary key's range from the marker on, stopped at the cap: never
+        # a scan of the room, however long its history.
+        unread_q = sql(
+            "SELECT count(*) FROM (SELECT 1 FROM messages WHERE room = %s AND id > %s"
+            " AND username <> %s AND edits IS NULL AND deletes IS NULL AND NOT deleted"
+            " LIMIT %s) AS unread"
+        )
         private_q = sql("SELECT private FROM rooms WHERE name = %s")
         member_q = sql("SELECT 1 FROM room_members WHERE room = %s AND username = %s")
         removed_q = sql("SELECT 1 FROM room_removals WHERE room = %s AND username = %s")
@@ -764,8 +772,40 @@ class SQLStore:
                     txn.execute(removed_q, (room, user))
                     removed = txn.fetchone() is not None
             txn.execute(ban_q, (room, EVERYWHERE, user))
-            return Access(private, member, txn.fetchone() is not None, removed)
+            banned = txn.fetchone() is not None
+            last_read, unread = None, 0
+            if unread_max > 0 and not banned:
+                txn.execute(marker_q, (room, user))
+                row = txn.fetchone()
+                last_read = row[0] if row else None
+                txn.execute(unread_q, (room, last_read or 0, user, unread_max))
+                unread = txn.fetchone()[0]
+            return Access(private, member, banned, removed, last_read, unread)
 
+        return self._run(q)
+
+    def set_read(self, room: str, user: str, id: int) -> Deferred[tuple[int, bool]]:
+        sql = self._dialect.sql
+        last_q = sql("SELECT last_id FROM rooms WHERE name = %s")
+        # Only forward: a marker from a device that read less leaves it where it is.
+        upsert = sql(
+            "INSERT INTO read_markers (room, username, id) VALUES (%s, %s, %s)"
+            " ON CONFLICT (room, username) DO UPDATE SET id = excluded.id"
+            " WHERE read_markers.id < excluded.id"
+        )
+        marker_q = sql("SELECT id FROM read_markers WHERE room = %s AND username = %s")
+
+        def q(txn: Any) -> tuple[int, bool]:
+            txn.execute(last_q, (room,))
+            row = txn.fetchone()
+            if id > (row[0] if row else 0):
+                raise NotYetWritten(f"{room} has no message {id} yet")
+            txn.execute(upsert, (room, user, id))
+            moved = txn.rowcount > 0
+            txn.execute(marker_q, (room, user))
+            return txn.fetchone()[0], moved
+
+        # Running it twice moves nothing the first did not: the read path's retry is safe.
         return self._run(q)
 
     def banned_everywhere(self, user: str) -> Deferred[bool]:
