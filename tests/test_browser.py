@@ -10,6 +10,7 @@ installs them).
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from clientproc import spawn_client, talk_elsewhere
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from twisted.internet.threads import deferToThread
 from wsclient import connect, handshake_status
@@ -33,14 +36,88 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 WAIT = 20.0
 SECRET = "test-secret-that-is-long-enough-for-hs256"
 
-# Every message of a room as the page shows it: [id or None, user, body, classes].
+CID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# Every message of a room as the page shows it: [id or None, user, body, classes,
+# cid or None, the texts of its action buttons, its "(edited)" flag or ""].
 READ_ROOM = """
 return [...document.querySelectorAll('#messages li.msg')]
   .filter((li) => li.dataset.room === arguments[0])
   .map((li) => [li.dataset.id === undefined ? null : Number(li.dataset.id),
                 li.querySelector('.user').textContent,
                 li.querySelector('.body').textContent,
-                li.className]);
+                li.className,
+                li.dataset.cid === undefined ? null : li.dataset.cid,
+                [...li.querySelectorAll('.actions button')].map((b) => b.textContent),
+                li.querySelector('.flag') ? li.querySelector('.flag').textContent : '']);
+"""
+
+# The element matching a selector inside the message with this room and id, or null.
+BUTTON = """
+const li = [...document.querySelectorAll('#messages li.msg')]
+  .find((li) => li.dataset.room === arguments[0] && li.dataset.id === String(arguments[1]));
+return li ? li.querySelector(arguments[2]) : null;
+"""
+
+# Installed before the page's own script: records every frame the page sends and
+# gets, and lets a test rewrite or swallow them (window.__tap.outgoing/incoming:
+# (frame, socket) -> false to swallow / the frame to deliver, or null).
+TAP = """
+(() => {
+  const Real = window.WebSocket;
+  const tap = (window.__tap = { sent: [], got: [], outgoing: null, incoming: null, socket: null });
+  window.WebSocket = class extends Real {
+    constructor(...args) {
+      super(...args);
+      tap.socket = this;
+    }
+    send(data) {
+      const frame = JSON.parse(data);
+      tap.sent.push(frame);
+      if (tap.outgoing && tap.outgoing(frame, this) === false) return;
+      super.send(data);
+    }
+    set onmessage(handler) {
+      super.onmessage = (event) => {
+        if (this.readyState !== Real.OPEN) return; // closed by a hook: what follows is lost
+        let frame = JSON.parse(event.data);
+        if (tap.incoming) frame = tap.incoming(frame, this);
+        if (!frame) return;
+        tap.got.push(frame);
+        handler({ data: JSON.stringify(frame) });
+      };
+    }
+    get onmessage() {
+      return super.onmessage;
+    }
+  };
+})();
+"""
+
+# Loses the answer to the next send (the message is stored) in one of three ways:
+# "error": the ack becomes an `unavailable` error (as after a timeout);
+# "cut": the connection drops instead (the catch-up will hold the message);
+# "cut-hide": as "cut", and history pages leave the message out too (as if it
+# had been stored just after the catch-up was read). Its live copy is swallowed.
+LOSE_NEXT_ACK = """
+const tap = window.__tap;
+const mode = arguments[0];
+let lost = null;
+tap.incoming = (frame, socket) => {
+  if (lost === null && frame.type === 'ack' && frame.cid) {
+    lost = frame.cid;
+    if (mode === 'error') {
+      return {type: 'error', code: 'unavailable', message: 'answer lost', ref: frame.ref};
+    }
+    socket.close();
+    return null;
+  }
+  if (lost !== null && frame.type === 'message' && frame.cid === lost) return null;
+  if (lost !== null && mode === 'cut-hide' && frame.type === 'history') {
+    return {...frame, messages: frame.messages.filter((m) => m.cid !== lost)};
+  }
+  return frame;
+};
 """
 
 
@@ -131,8 +208,59 @@ class Page:
 
         await self.call(go)
 
+    async def reload(self, user: str) -> None:
+        def go() -> None:
+            self.driver.refresh()
+            field = self.driver.find_element(By.ID, "name")
+            field.clear()  # the page remembers the name
+            field.send_keys(user)
+            self.driver.find_element(By.ID, "connect").click()
+
+        await self.call(go)
+        await self.until(lambda d: self.state(d) == "online", "connected again")
+
     async def messages(self, room: str) -> list[list[Any]]:
         return await self.script(READ_ROOM, room)
+
+    async def until_row(self, room: str, id: int, test: Any, what: str) -> list[Any]:
+        """Wait until message ``id`` of ``room`` is shown and ``test(row)`` holds."""
+
+        def ok(driver: Any) -> Any:
+            for row in driver.execute_script(READ_ROOM, room):
+                if row[0] == id and test(row):
+                    return row
+            return False
+
+        return await self.until(ok, f"#{id} in {room}: {what}")
+
+    async def button(self, room: str, id: int, selector: str) -> Any:
+        return await self.until(
+            lambda d: d.execute_script(BUTTON, room, id, selector), f"{selector} on #{id}"
+        )
+
+    async def edit(self, room: str, id: int, text: str, key: str | None = Keys.ENTER) -> Any:
+        """Edit from the keyboard: Enter on the Edit button, then type, then ``key``
+        (None: the editor stays open); returns the editor's field."""
+        edit = await self.button(room, id, ".actions .edit")
+        await self.call(edit.send_keys, Keys.ENTER)
+        field = await self.button(room, id, ".editor textarea")
+        assert await self.script("return document.activeElement === arguments[0]", field)
+
+        def go() -> None:
+            field.clear()
+            field.send_keys(text, *([key] if key else []))
+
+        await self.call(go)
+        return field
+
+    async def delete(self, room: str, id: int) -> None:
+        delete = await self.button(room, id, ".actions .delete")
+        await self.call(delete.click)
+        alert = await self.until(expected_conditions.alert_is_present(), "asked to confirm")
+        await self.call(alert.accept)
+
+    async def tap(self, key: str) -> Any:
+        return await self.script(f"return window.__tap.{key}")
 
     async def until_shown(self, room: str, body: str, confirmed: bool = True) -> list[Any]:
         """Wait until ``body`` is shown in ``room`` (with its id, unless not ``confirmed``)."""
@@ -154,10 +282,25 @@ class Page:
         return path
 
 
-async def open_page(browsers: Any, port: int, user: str | None = None, **kw: Any) -> Page:
-    page = Page(await deferToThread(browsers), port)
+async def open_page(
+    browsers: Any, port: int, user: str | None = None, preload: str | None = None, **kw: Any
+) -> Page:
+    """``preload``: a script run in every document before the page's own (``TAP``)."""
+    driver = await deferToThread(browsers)
+    if preload is not None:
+        await deferToThread(
+            driver.execute_cdp_cmd, "Page.addScriptToEvaluateOnNewDocument", {"source": preload}
+        )
+    page = Page(driver, port)
     await page.open(user, **kw)
     return page
+
+
+async def next_message(client: Any) -> dict:
+    while True:
+        got = await client.recv()
+        if got["type"] == "message":
+            return got
 
 
 async def message_with(client: Any, body: str) -> dict:
@@ -312,3 +455,282 @@ async def test_page_resumes_after_a_server_restart_nothing_missing_or_doubled(
     # What happened during the outage is in the order it was stored.
     assert [row[2] for row in rows[:7]] == ["before", *(f"away {i}" for i in range(1, 6)), "by cli"]
     await page.screenshot(tmp_path, "after-restart.png")
+
+
+# -- protocol 1.1: cids, edits and deletes ------------------------------------------------
+
+
+def sends_of(frames: list[dict], body: str) -> list[dict]:
+    return [f for f in frames if f.get("type") == "send" and f.get("body") == body]
+
+
+@ensure
+async def test_one_body_sent_twice_quickly_confirms_twice_by_cid(server, browsers):
+    bob = await connect(server.port, "bob")
+    await bob.join("c")
+    page = await open_page(browsers, server.port, "alice")
+    await page.join("c")
+
+    def twice() -> None:  # back to back, in one go
+        for _ in range(2):
+            page.driver.find_element(By.ID, "message").send_keys("same")
+            page.driver.find_element(By.ID, "send").click()
+
+    await page.call(twice)
+    frames = [await message_with(bob, "same"), await message_with(bob, "same")]
+    assert [f["id"] for f in frames] == [1, 2]
+    cids = [f["cid"] for f in frames]
+    assert all(CID.fullmatch(cid) for cid in cids) and cids[0] != cids[1], cids
+
+    def both_confirmed(driver: Any) -> Any:
+        rows = driver.execute_script(READ_ROOM, "c")
+        return rows if [row[0] for row in rows] == [1, 2] else False
+
+    rows = await page.until(both_confirmed, "both acked")
+    # Each line holds the id the server gave its own cid: matched by cid, not body.
+    assert [(row[0], row[2], row[4]) for row in rows] == [
+        (1, "same", cids[0]),
+        (2, "same", cids[1]),
+    ]
+    assert_once_in_order(rows, ["same", "same"])
+    assert await bob.drain_to_pong() == []
+    # From history after a reload: the same cids, and our own messages editable.
+    await page.reload("alice")
+    rows = await page.until(both_confirmed, "both shown again")
+    assert [(row[0], row[4], row[5]) for row in rows] == [
+        (1, cids[0], ["Edit", "Delete"]),
+        (2, cids[1], ["Edit", "Delete"]),
+    ]
+
+
+@ensure
+async def test_cids_without_random_uuid_are_random_hex(server, browsers):
+    """Plain http on a LAN address is not a secure context: no crypto.randomUUID."""
+    bob = await connect(server.port, "bob")
+    await bob.join("c")
+    page = await open_page(
+        browsers, server.port, "dave", preload="delete Crypto.prototype.randomUUID;"
+    )
+    assert await page.script("return typeof crypto.randomUUID") == "undefined"
+    await page.join("c")
+    await page.say("no uuid here")
+    await page.say("nor here")
+    cids = [(await message_with(bob, body))["cid"] for body in ("no uuid here", "nor here")]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", cid) for cid in cids) and cids[0] != cids[1], cids
+    await page.until_shown("c", "nor here")
+
+
+@ensure
+async def test_editing_and_deleting_own_messages_from_the_page(make_server, browsers, tmp_path):
+    server = make_server(max_body_chars=40)
+    bob = await connect(server.port, "bob")
+    await bob.join("e")
+    page = await open_page(browsers, server.port, "alice")
+    await page.join("e")
+    await bob.request({"type": "send", "room": "e", "body": "bob's own"})
+    assert (await next_message(bob))["id"] == 1
+    await page.say("helo wrold")
+    sent = await next_message(bob)
+    assert (sent["id"], sent["body"]) == (2, "helo wrold")
+    await page.until_row("e", 2, lambda row: row[5] == ["Edit", "Delete"], "Edit and Delete")
+    # Someone else's message offers neither.
+    assert [row[5] for row in await page.messages("e")] == [[], ["Edit", "Delete"]]
+
+    await page.edit("e", 2, "hello world")
+    event = await next_message(bob)
+    assert {k: event.get(k) for k in ("id", "user", "body", "edits")} == {
+        "id": 3,
+        "user": "alice",
+        "body": "hello world",
+        "edits": 2,
+    }
+    assert CID.fullmatch(event["cid"]) and event["cid"] != sent["cid"]
+    row = await page.until_row("e", 2, lambda row: row[2] == "hello world", "edited")
+    assert "edited" in row[3] and row[6] == "(edited)" and row[5] == ["Edit", "Delete"]
+
+    # Escape cancels: nothing is sent, the text stays.
+    field = await page.edit("e", 2, "never sent", key=None)
+    await page.screenshot(tmp_path, "edit-open.png")
+    await page.call(field.send_keys, Keys.ESCAPE)
+    await page.until(
+        lambda d: not d.execute_script(BUTTON, "e", 2, ".editor"), "editor closed by Escape"
+    )
+    # Refused (too_large): shown like other errors; the message keeps its text.
+    await page.edit("e", 2, "x" * 41)
+    error = await page.until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, '#errors li.error[data-code="too_large"]'),
+        "too_large error shown",
+    )
+    assert "longer than 40" in await page.call(lambda: error[0].text)
+    await page.until_row(
+        "e", 2, lambda row: row[2] == "hello world" and "changing" not in row[3], "edit undone"
+    )
+    assert not await page.script(BUTTON, "e", 2, ".draft")
+
+    await page.call(page.driver.set_window_size, 390, 800)  # a phone: the buttons are there
+    fits = await page.script("return document.documentElement.scrollWidth <= window.innerWidth")
+    assert fits
+    delete = await page.button("e", 2, ".actions .delete")
+    assert await page.call(delete.is_displayed)
+    await page.screenshot(tmp_path, "edit-phone.png")
+
+    await page.delete("e", 2)
+    event = await next_message(bob)
+    assert (event["id"], event["user"], event["body"], event["deletes"]) == (4, "alice", "", 2)
+    row = await page.until_row("e", 2, lambda row: "deleted" in row[3], "deleted")
+    assert row[2] == "message deleted" and row[5] == [] and row[6] == ""
+    # The events are no lines of their own.
+    assert [row[0] for row in await page.messages("e")] == [1, 2]
+    assert await bob.drain_to_pong() == []  # the cancelled and the refused edit sent nothing
+    await page.screenshot(tmp_path, "edit-delete.png")
+
+
+@ensure
+async def test_changes_by_others_show_live_resume_and_fold_in_history(server, browsers, tmp_path):
+    carol = await connect(server.port, "carol")
+    await carol.join("f")
+    page = await open_page(browsers, server.port, "alice", preload=TAP)
+    await page.join("f")
+    await page.join("side")  # "f" is in the background: its unread count shows
+    for body in ("one", "two", "three"):
+        await carol.request({"type": "send", "room": "f", "body": body})
+    await page.until_shown("f", "three")
+    unread = "return document.querySelector('#rooms li[data-room=\"f\"] .unread').textContent"
+    assert await page.script(unread) == "3"
+
+    # Live: an edit (id 4) and a delete (id 5) by their author, on another client.
+    await carol.request({"type": "edit", "room": "f", "id": 1, "body": "one, edited"})
+    await carol.request({"type": "delete", "room": "f", "id": 2})
+    await page.until_row("f", 2, lambda row: "deleted" in row[3], "deleted live")
+    row = await page.until_row("f", 1, lambda row: row[2] == "one, edited", "edited live")
+    assert "edited" in row[3] and row[6] == "(edited)" and row[5] == []
+    assert [row[0] for row in await page.messages("f")] == [1, 2, 3]
+    assert await page.script(unread) == "3"  # changes are not news
+
+    # Changes while the page is away (its joins fail until released): the catch-up
+    # starts after the newest id the page saw, the delete event's.
+    await page.script(
+        "const tap = window.__tap;"
+        "tap.outgoing = (frame, socket) => frame.type !== 'join' || (socket.close(), false);"
+        "tap.socket.close();"
+    )
+    await page.until(
+        lambda d: d.find_elements(
+            By.CSS_SELECTOR, '#rooms li[data-room="f"]:not([data-phase="live"])'
+        ),
+        "page away",
+    )
+    await carol.request({"type": "edit", "room": "f", "id": 3, "body": "three, edited"})  # 6
+    await carol.request({"type": "delete", "room": "f", "id": 1})  # 7
+    await carol.request({"type": "send", "room": "f", "body": "four"})  # 8
+    await page.script("window.__tap.outgoing = null;")
+    await page.until_shown("f", "four")
+    catchups = [
+        f["after"] for f in await page.tap("sent") if f["type"] == "history" and "after" in f
+    ]
+    assert catchups == [5], catchups
+    rows = await page.messages("f")
+    assert [(row[0], row[2], "deleted" in row[3], row[6]) for row in rows] == [
+        (1, "message deleted", True, ""),
+        (2, "message deleted", True, ""),
+        (3, "three, edited", False, "(edited)"),
+        (8, "four", False, ""),
+    ]
+    assert await page.script(unread) == "4"
+
+    # Scroll-back: 50 more messages and one more edit of 3 (id 59), then a reload.
+    # The backlog (ids 10-59) holds that edit but not its target; "older" brings
+    # ids 1-9, folded; no event is ever a line.
+    for i in range(9, 59):
+        await carol.request({"type": "send", "room": "f", "body": f"filler {i}"})
+    await carol.request({"type": "edit", "room": "f", "id": 3, "body": "three, again"})
+    await page.until_row("f", 3, lambda row: row[2] == "three, again", "edited again live")
+    await page.reload("alice")
+    await page.until_live("f")
+    await page.call(
+        lambda: page.driver.find_element(By.CSS_SELECTOR, "#rooms .pick[data-room=f]").click()
+    )
+    await page.until_shown("f", "filler 58")
+    assert [row[0] for row in await page.messages("f")] == list(range(10, 59))
+    await page.call(lambda: page.driver.find_element(By.ID, "older").click())
+    await page.until_shown("f", "four")
+    rows = await page.messages("f")
+    assert [row[0] for row in rows] == [1, 2, 3, 8, 9, *range(10, 59)]
+    assert [(row[2], "deleted" in row[3], row[6], row[5]) for row in rows[:4]] == [
+        ("message deleted", True, "", []),
+        ("message deleted", True, "", []),
+        ("three, again", False, "(edited)", []),
+        ("four", False, "", []),
+    ]
+    await page.script("document.getElementById('messages').scrollTop = 0")
+    await page.screenshot(tmp_path, "folded-history.png")
+
+
+@ensure
+async def test_a_message_or_edit_keeps_its_cid_through_retry_and_reconnects(server, browsers):
+    bob = await connect(server.port, "bob")
+    await bob.join("k")
+    page = await open_page(browsers, server.port, "alice", preload=TAP)
+    await page.join("k")
+
+    async def settled(body: str, id: int) -> list[dict]:
+        """Bob got exactly one copy; the page shows it once, with that id; the
+        page's sends of it all carried the copy's cid."""
+        got = await message_with(bob, body)
+        assert got["id"] == id
+        await page.until_row("k", id, lambda row: row[2] == body, "confirmed")
+        rows = [row for row in await page.messages("k") if row[2] == body]
+        assert len(rows) == 1 and rows[0][4] == got["cid"], rows
+        sends = sends_of(await page.tap("sent"), body)
+        assert {f["cid"] for f in sends} == {got["cid"]}, sends
+        return sends
+
+    # Retry after an error although the message was stored: the same cid gets
+    # `duplicate` and the stored id.
+    await page.script(LOSE_NEXT_ACK, "error")
+    await page.say("stored once")
+    failed = await page.until_shown("k", "stored once", confirmed=False)
+    await page.until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#messages li.msg.failed .retry"), "Retry shown"
+    )
+    await page.call(
+        lambda: page.driver.find_element(By.CSS_SELECTOR, "li.msg.failed .retry").click()
+    )
+    assert len(await settled("stored once", 1)) == 2
+    acks = [f for f in await page.tap("got") if f["type"] == "ack" and f.get("cid") == failed[4]]
+    assert [(f["id"], f.get("duplicate")) for f in acks] == [(1, True)]
+
+    # The connection drops before the ack, and the catch-up does not show the
+    # message: sent again with its cid, answered `duplicate`.
+    await page.script(LOSE_NEXT_ACK, "cut-hide")
+    await page.say("resent once")
+    assert len(await settled("resent once", 2)) == 2
+    acks = [f for f in await page.tap("got") if f["type"] == "ack" and f["id"] == 2]
+    assert [f.get("duplicate") for f in acks] == [True]
+
+    # The connection drops before the ack, the catch-up shows it: confirmed by
+    # its cid, not sent again.
+    await page.script(LOSE_NEXT_ACK, "cut")
+    await page.say("found in the catch-up")
+    assert len(await settled("found in the catch-up", 3)) == 1
+    assert not [f for f in await page.tap("got") if f["type"] == "ack" and f["id"] == 3]
+
+    # An edit goes the same way: sent again after the drop with its cid, applied once.
+    await page.script(LOSE_NEXT_ACK, "cut-hide")
+    await page.edit("k", 3, "found, then edited")
+    event = await next_message(bob)
+    assert (event["id"], event["edits"], event["body"]) == (4, 3, "found, then edited")
+    await page.until_row(
+        "k",
+        3,
+        lambda row: row[2] == "found, then edited" and "changing" not in row[3],
+        "edit confirmed",
+    )
+    edits = [f for f in await page.tap("sent") if f["type"] == "edit"]
+    assert len(edits) == 2 and {f["cid"] for f in edits} == {event["cid"]}, edits
+    acks = [f for f in await page.tap("got") if f["type"] == "ack" and f["id"] == 4]
+    assert [f.get("duplicate") for f in acks] == [True]
+
+    assert await bob.drain_to_pong() == []  # no copy of anything
+    rows = await page.messages("k")
+    assert_once_in_order(rows, ["stored once", "resent once", "found, then edited"])

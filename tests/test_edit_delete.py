@@ -306,24 +306,30 @@ def _sqlite_bytes(path: str) -> bytes:
 @ensure
 async def test_a_deleted_text_is_nowhere_in_the_sqlite_files(make_server, tmp_path):
     path = str(tmp_path / "erase.sqlite3")
-    server = make_server(database_url=f"sqlite:///{path}")
+    server = make_server(database_url=f"sqlite:///{path}", max_body_chars=10_000)
     alice = await connect(server.port, "alice")
     await alice.join("r")
     secret, revised = "zebra-4f1c-original", "zebra-4f1c-revised"
+    # A body longer than a page, too: its overflow pages are freed by the delete,
+    # and a freed page keeps its bytes unless secure_delete zeroes it.
+    long_secret = "quagga-77e0-" + "q" * 6000
     await alice.request({"type": "send", "room": "r", "body": secret})
     await alice.request({"type": "send", "room": "r", "body": "keep-this-one"})
     await alice.request({"type": "edit", "room": "r", "id": 1, "body": revised})
+    await alice.request({"type": "send", "room": "r", "body": long_secret})
+    await alice.request({"type": "send", "room": "r", "body": "keep-this-too"})
     before = _sqlite_bytes(path)
     # The test can see the text where it is: otherwise its absence proves nothing.
-    assert secret.encode() in before and revised.encode() in before
+    texts = [t.encode() for t in (secret, revised, long_secret[:40])]
+    assert all(t in before for t in texts)
     await alice.request({"type": "delete", "room": "r", "id": 1})
+    await alice.request({"type": "delete", "room": "r", "id": 4})
     after = _sqlite_bytes(path)
-    assert secret.encode() not in after
-    assert revised.encode() not in after
-    assert b"keep-this-one" in after
+    assert [t for t in texts if t in after] == []
+    assert b"keep-this-one" in after and b"keep-this-too" in after
     await server.stopService()
     after_stop = _sqlite_bytes(path)
-    assert secret.encode() not in after_stop and revised.encode() not in after_stop
+    assert [t for t in texts if t in after_stop] == []
 
 
 @ensure

@@ -9,9 +9,18 @@
 //   seen    the ids shown: the de-duplication key, with the room name;
 //   held    live messages that arrive while the catch-up runs, shown after it in
 //           id order.
-// Our own messages stay "pending" until their `ack`. One whose ack was lost with
-// the connection is looked for in the catch-up (our user, same room and body):
-// found, it was stored; not found, it was not, and it is sent again.
+// Our own messages stay "pending" until their `ack`. Each carries a `cid` of its
+// own (protocol 1.1), kept for good: the ack, the live copy and history carry it
+// back. One whose ack was lost with the connection is looked for in the catch-up
+// by cid: found, it was stored; not found, it is sent again with the same cid, and
+// the server answers a repeat with the stored id (`duplicate`), never a copy.
+//
+// Edits and deletes are events of the room, with ids of their own: a `message`
+// with `edits` or `deletes` changes its target and is never shown as a line.
+// History folds them (`edited`, `deleted`). Each message shown keeps `data-rev`,
+// the newest id its state includes (a page's messages: the page's last id, as
+// everything up to it was stored before the read); an edit event applies only
+// past it, so a page's own events, already folded, change nothing.
 "use strict";
 
 (() => {
@@ -65,6 +74,14 @@
     }
   }
 
+  // A message's cid (1-64 of A-Z a-z 0-9 _ -). randomUUID exists only in a secure
+  // context: a page served over plain http on a LAN address has none.
+  function newCid() {
+    if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
   const $ = (id) => document.getElementById(id);
   const ui = {
     status: $("status"),
@@ -95,7 +112,7 @@
     rooms: new Map(), // name -> room state, in join order
     current: null,
     pending: new Map(), // ref -> {purpose, room}
-    outbox: [], // our messages not known to be stored
+    outbox: [], // our sends, edits and deletes not known to be stored
     refs: 0,
     locals: 0,
     backoff: new Backoff(),
@@ -192,6 +209,7 @@
       cursor: null,
       oldest: null,
       seen: new Set(),
+      orphans: new Map(), // target id -> latest edit or delete of a message not shown
       phase: "offline",
       held: [],
       start: false, // no older messages exist
@@ -276,6 +294,16 @@
     return new Date(ts).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   }
 
+  function button(className, text, label, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = className;
+    b.textContent = text;
+    if (label) b.setAttribute("aria-label", label);
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
   function render(room, user, body, ts) {
     const li = document.createElement("li");
     li.className = "msg";
@@ -317,6 +345,109 @@
     room.log.insertBefore(li, before);
   }
 
+  function shownMessage(room, id) {
+    return room.log.querySelector(`li.msg[data-id="${Number(id)}"]`);
+  }
+
+  function markEdited(li, body, ts) {
+    if (li.classList.contains("deleted")) return; // final
+    li.classList.add("edited");
+    li.querySelector(".body").textContent = body;
+    let flag = li.querySelector(".flag");
+    if (!flag) {
+      flag = document.createElement("span");
+      flag.className = "flag";
+      flag.textContent = "(edited)";
+      li.querySelector("time").after(flag);
+    }
+    flag.title = `edited ${new Date(ts).toLocaleString()}`;
+  }
+
+  function markDeleted(li) {
+    if (li.classList.contains("deleted")) return;
+    const focused = li.contains(document.activeElement);
+    li.classList.add("deleted");
+    li.classList.remove("edited", "changing");
+    for (const node of li.querySelectorAll(".flag, .actions, .editor, .draft")) node.remove();
+    const text = li.querySelector(".body");
+    text.textContent = "message deleted";
+    text.hidden = false;
+    // Our edits or deletes of it still waiting to be sent have nothing to change.
+    const id = Number(li.dataset.id);
+    app.outbox = app.outbox.filter(
+      (item) =>
+        item.kind === "send" ||
+        item.room !== li.dataset.room ||
+        item.target !== id ||
+        item.state === "sent",
+    );
+    if (focused) ui.messages.focus({ preventScroll: true }); // its buttons are gone
+  }
+
+  // The state a history page folds into a message (also on live gap fills).
+  function fold(li, m) {
+    if (m.deleted) markDeleted(li);
+    else if (typeof m.edited === "number") markEdited(li, m.body, m.edited);
+  }
+
+  // Edit and Delete on our own stored messages: always there, a phone has no hover.
+  function addActions(li) {
+    if (!li.classList.contains("mine") || li.dataset.id === undefined) return;
+    if (li.classList.contains("deleted") || li.querySelector(".actions")) return;
+    const box = document.createElement("span");
+    box.className = "actions";
+    box.append(
+      button("edit", "Edit", "Edit this message", () => startEdit(li)),
+      button("delete", "Delete", "Delete this message", () => askDelete(li)),
+    );
+    li.querySelector(".head").append(box);
+  }
+
+  // A message now shown with its id, its state as of `rev`: a change that came
+  // before it applies now (if newer).
+  function adopt(room, li, id, rev) {
+    li.dataset.rev = String(rev);
+    const late = room.orphans.get(id);
+    if (late) {
+      room.orphans.delete(id);
+      applyChange(room, li, late);
+    }
+    addActions(li);
+  }
+
+  function applyChange(room, li, m) {
+    if (typeof m.deletes === "number") {
+      markDeleted(li); // final, whenever it comes
+      app.outbox = app.outbox.filter(
+        (item) => !(item.kind === "delete" && item.room === room.name && item.target === m.deletes),
+      );
+    } else {
+      if (m.id > Number(li.dataset.rev)) {
+        li.dataset.rev = String(m.id);
+        markEdited(li, m.body, m.ts);
+      }
+      if (m.cid && m.user === app.user) {
+        app.outbox = app.outbox.filter(
+          (item) => !(item.kind === "edit" && item.room === room.name && item.cid === m.cid),
+        );
+      }
+    }
+    refresh(li);
+  }
+
+  // An edit or delete event: never a line of its own. Its target not shown (yet),
+  // it is kept: a scroll-back page read before the change may bring the target.
+  function onEvent(room, m) {
+    const target = typeof m.edits === "number" ? m.edits : m.deletes;
+    const li = shownMessage(room, target);
+    if (li) {
+      applyChange(room, li, m);
+      return;
+    }
+    const kept = room.orphans.get(target);
+    if (!kept || kept.id < m.id) room.orphans.set(target, m);
+  }
+
   function nearBottom() {
     const box = ui.messages;
     return box.scrollHeight - box.scrollTop - box.clientHeight < 80;
@@ -327,11 +458,15 @@
   }
 
   // `past`: a backlog or older page, not news: no unread count, no scrolling.
-  function show(room, m, { past = false } = {}) {
+  // `rev`: the newest id the message's state includes (a page's last id).
+  function show(room, m, { past = false, rev = m.id } = {}) {
     const stick = nearBottom();
     const li = render(m.room, m.user, m.body, m.ts);
     stamp(li, m.id, m.ts);
+    if (typeof m.cid === "string") li.dataset.cid = m.cid;
     place(room, li, m.id);
+    fold(li, m);
+    adopt(room, li, m.id, Math.max(rev, m.id));
     if (room.name !== app.current) {
       if (!past) {
         room.unread += 1;
@@ -346,18 +481,22 @@
   function deliver(room, m, opts = {}) {
     const past = Boolean(opts.past);
     // Live messages and catch-up pages have no gaps between them, so the cursor
-    // follows them; a backlog or older page may hold a message whose live copy
-    // has not come yet, and must not move the cursor past a gap.
+    // follows them (events included); a backlog or older page may hold a message
+    // whose live copy has not come yet, and must not move the cursor past a gap.
     if (!past && (room.cursor === null || m.id > room.cursor)) room.cursor = m.id;
     if (room.oldest === null || m.id < room.oldest) room.oldest = m.id;
     if (room.seen.has(m.id)) return;
-    if (m.user === app.user) {
-      const i = app.outbox.findIndex(
-        (item) => item.state === "unconfirmed" && item.room === m.room && item.body === m.body,
+    if (typeof m.edits === "number" || typeof m.deletes === "number") {
+      room.seen.add(m.id);
+      onEvent(room, m); // not a line, not unread
+      return;
+    }
+    if (m.user === app.user && typeof m.cid === "string") {
+      const item = app.outbox.find(
+        (it) => it.kind === "send" && it.room === m.room && it.cid === m.cid,
       );
-      if (i >= 0) {
-        const [item] = app.outbox.splice(i, 1);
-        confirm(room, item, m.id, m.ts); // its ack was lost, but here it is: stored
+      if (item) {
+        confirm(room, item, m.id, m.ts, m, opts.rev); // its ack was lost (or is behind)
         return;
       }
     }
@@ -365,19 +504,30 @@
     show(room, m, opts);
   }
 
-  function confirm(room, item, id, ts) {
+  function confirm(room, item, id, ts, m = null, rev = id) {
+    forget(item);
     if (room.seen.has(id)) {
       item.el.remove();
       return;
     }
     room.seen.add(id);
-    item.el.classList.remove("pending", "unconfirmed");
-    delete item.el.dataset.local;
-    stamp(item.el, id, ts);
-    place(room, item.el, id);
+    const li = item.el;
+    li.classList.remove("pending", "unconfirmed", "failed");
+    delete li.dataset.local;
+    delete li.dataset.code;
+    li.querySelector(".note")?.remove();
+    stamp(li, id, ts);
+    place(room, li, id);
+    if (m) fold(li, m);
+    adopt(room, li, id, Math.max(rev, id));
   }
 
-  // --- our own messages --------------------------------------------------------
+  // --- our own messages and changes ---------------------------------------------
+
+  function forget(item) {
+    const i = app.outbox.indexOf(item);
+    if (i >= 0) app.outbox.splice(i, 1);
+  }
 
   function say(body, roomName = app.current) {
     const room = app.rooms.get(roomName);
@@ -385,10 +535,20 @@
       showError("not_member", "join a room first");
       return;
     }
-    const item = { local: ++app.locals, room: roomName, body, state: "queued", ref: null };
+    const item = {
+      kind: "send",
+      local: ++app.locals,
+      room: roomName,
+      body,
+      cid: newCid(),
+      state: "queued",
+      ref: null,
+      tries: 0,
+    };
     item.el = render(roomName, app.user, body, 0);
     item.el.classList.add("pending");
     item.el.dataset.local = String(item.local);
+    item.el.dataset.cid = item.cid;
     item.el.querySelector("time").textContent = "sending…";
     room.log.append(item.el);
     scrollToBottom();
@@ -396,15 +556,164 @@
     if (room.phase === "live") sendItem(item);
   }
 
-  function sendItem(item) {
-    item.state = "sent";
-    item.el.classList.remove("unconfirmed");
-    item.ref = request("send", "send", item.room, { body: item.body });
+  // Edits and deletes wait in the outbox as sends do, and are sent again after a
+  // drop (an edit with its cid, so it is never applied twice).
+  function change(li, kind, body = null) {
+    const room = app.rooms.get(li.dataset.room);
+    if (!room || li.classList.contains("deleted")) return;
+    const item = {
+      kind,
+      room: room.name,
+      target: Number(li.dataset.id),
+      body,
+      cid: kind === "edit" ? newCid() : null,
+      state: "queued",
+      ref: null,
+      tries: 0,
+      el: li,
+    };
+    app.outbox.push(item);
+    refresh(li);
+    if (room.phase === "live") sendItem(item);
   }
 
-  function takeItem(ref) {
-    const i = app.outbox.findIndex((item) => item.state === "sent" && item.ref === ref);
-    return i >= 0 ? app.outbox.splice(i, 1)[0] : null;
+  // A message with changes of ours on the way: dimmed, the newest edit shown as a draft.
+  function refresh(li) {
+    const id = Number(li.dataset.id);
+    const mine = app.outbox.filter(
+      (item) => item.kind !== "send" && item.room === li.dataset.room && item.target === id,
+    );
+    const edits = mine.filter((item) => item.kind === "edit");
+    const gone = li.classList.contains("deleted");
+    let draft = li.querySelector(".draft");
+    if (edits.length && !gone) {
+      if (!draft) {
+        draft = document.createElement("div");
+        draft.className = "draft";
+        li.querySelector(".body").after(draft);
+      }
+      draft.textContent = edits[edits.length - 1].body;
+    } else if (draft) {
+      draft.remove();
+      draft = null;
+    }
+    const editor = li.querySelector(".editor");
+    li.querySelector(".body").hidden = Boolean(draft || editor);
+    if (draft) draft.hidden = Boolean(editor);
+    li.classList.toggle("changing", !gone && mine.length > 0);
+  }
+
+  // Inline: Enter saves, Shift+Enter is a new line, Escape cancels.
+  function startEdit(li) {
+    if (li.classList.contains("deleted")) return;
+    const open = li.querySelector(".editor textarea");
+    if (open) {
+      open.focus();
+      return;
+    }
+    const current = (li.querySelector(".draft") || li.querySelector(".body")).textContent;
+    const form = document.createElement("form");
+    form.className = "editor";
+    const field = document.createElement("textarea");
+    field.value = current;
+    field.required = true;
+    field.rows = Math.min(6, current.split("\n").length);
+    field.setAttribute("aria-label", "Edit message");
+    field.setAttribute("enterkeyhint", "done");
+    const close = () => {
+      form.remove();
+      refresh(li);
+      li.querySelector(".actions .edit")?.focus();
+    };
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.className = "save";
+    save.textContent = "Save";
+    const buttons = document.createElement("div");
+    buttons.className = "editor-buttons";
+    buttons.append(save, button("cancel", "Cancel", null, close));
+    form.append(field, buttons);
+    field.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.preventDefault();
+        close();
+      } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        save.click(); // submits through the form's own checks
+      }
+    });
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const body = field.value;
+      if (!body.trim()) return; // emptying a message is what Delete is for
+      close();
+      if (body !== current) change(li, "edit", body);
+    });
+    (li.querySelector(".draft") || li.querySelector(".body")).after(form);
+    refresh(li);
+    field.focus();
+    field.setSelectionRange(field.value.length, field.value.length);
+  }
+
+  function askDelete(li) {
+    if (li.classList.contains("deleted")) return;
+    if (window.confirm("Delete this message for everyone?")) change(li, "delete");
+  }
+
+  function sendItem(item) {
+    item.state = "sent";
+    item.tries += 1;
+    let fields;
+    if (item.kind === "send") {
+      item.el.classList.remove("unconfirmed");
+      fields = { body: item.body, cid: item.cid };
+    } else if (item.kind === "edit") {
+      fields = { id: item.target, body: item.body, cid: item.cid };
+    } else {
+      fields = { id: item.target };
+    }
+    item.ref = request(item.kind, item.kind, item.room, fields);
+  }
+
+  // What an ack or error answers: by cid when it carries one, else by ref.
+  function sentItem(ref, cid = null) {
+    const found = app.outbox.find(
+      (item) => item.state === "sent" && (cid ? item.cid === cid : item.ref === ref),
+    );
+    return found || null;
+  }
+
+  // A `duplicate` ack is the same confirmation: the id is the stored message's.
+  function acked(room, item, frame) {
+    if (item.kind === "send") {
+      confirm(room, item, frame.id, frame.ts);
+      return;
+    }
+    forget(item);
+    // The event follows as a `message`; what it will change can be shown now.
+    const event = { id: frame.id, ts: frame.ts, body: item.body };
+    event[item.kind === "edit" ? "edits" : "deletes"] = item.target;
+    applyChange(room, item.el, event);
+  }
+
+  function refused(item, code, message) {
+    if (item.kind === "send") {
+      item.state = "failed"; // kept, with its cid, for Retry
+      failItem(item, code, message);
+      showError(code, message);
+      return;
+    }
+    forget(item);
+    const li = item.el;
+    refresh(li);
+    // A delete of a message that is gone is done: asked again after a drop, or
+    // deleted elsewhere meanwhile.
+    if (item.kind === "delete" && code === "not_found") {
+      const quiet = item.tries > 1 || li.classList.contains("deleted");
+      markDeleted(li);
+      if (quiet) return;
+    }
+    showError(code, `${item.kind} of message ${item.target}: ${message}`);
   }
 
   function failItem(item, code, message) {
@@ -415,18 +724,26 @@
     const note = document.createElement("div");
     note.className = "note";
     note.textContent = `${code}: ${message} `;
-    const retry = document.createElement("button");
-    retry.type = "button";
-    retry.className = "retry";
-    retry.textContent = "Retry";
-    retry.addEventListener("click", () => {
-      item.el.remove();
-      say(item.body, item.room);
-    });
-    note.append(retry);
+    note.append(button("retry", "Retry", null, () => retry(item)));
     const stick = nearBottom();
     item.el.append(note);
     if (stick) scrollToBottom();
+  }
+
+  // Same cid: if the failed send was stored after all, the server says so with
+  // the stored id instead of storing a copy.
+  function retry(item) {
+    const room = app.rooms.get(item.room);
+    if (!room || item.state !== "failed") return;
+    item.el.querySelector(".note")?.remove();
+    item.el.classList.remove("failed");
+    item.el.classList.add("pending");
+    delete item.el.dataset.code;
+    item.el.querySelector("time").textContent = "sending…";
+    item.state = "queued";
+    room.log.append(item.el);
+    scrollToBottom();
+    if (room.phase === "live") sendItem(item);
   }
 
   // --- the connection ----------------------------------------------------------
@@ -487,7 +804,7 @@
       if (item.state === "sent") {
         item.state = "unconfirmed";
         item.ref = null;
-        item.el.classList.add("unconfirmed");
+        if (item.kind === "send") item.el.classList.add("unconfirmed");
       }
     }
     updateOlder();
@@ -588,9 +905,9 @@
         if (purpose) onHistory(purpose, roomName, frame);
         break;
       case "ack": {
-        const item = ref && takeItem(ref);
+        const item = sentItem(ref, typeof frame.cid === "string" ? frame.cid : null);
         const room = item && app.rooms.get(item.room);
-        if (room) confirm(room, item, frame.id, frame.ts);
+        if (room) acked(room, item, frame);
         break;
       }
       case "pong":
@@ -646,17 +963,19 @@
     const room = app.rooms.get(name);
     if (!room) return;
     const messages = Array.isArray(frame.messages) ? frame.messages : [];
+    // Its messages' state includes every change up to its last id.
+    const rev = messages.reduce((most, m) => Math.max(most, m.id), 0);
     if (purpose === "older") {
       const box = ui.messages;
       const fromBottom = box.scrollHeight - box.scrollTop;
-      for (const m of messages) deliver(room, m, { past: true });
+      for (const m of messages) deliver(room, m, { past: true, rev });
       if (room.name === app.current) box.scrollTop = box.scrollHeight - fromBottom; // stay put
       room.loadingOlder = false;
       if (!frame.more) room.start = true;
       updateOlder();
       return;
     }
-    for (const m of messages) deliver(room, m, { past: purpose === "backlog" });
+    for (const m of messages) deliver(room, m, { past: purpose === "backlog", rev });
     if (purpose === "backlog" && !frame.more) room.start = true;
     if (purpose === "catchup" && frame.more && messages.length) {
       const after = messages[messages.length - 1].id;
@@ -671,7 +990,8 @@
     const held = room.held.sort((a, b) => a.id - b.id);
     room.held = [];
     for (const m of held) deliver(room, m);
-    // Unconfirmed messages not found in the catch-up were not stored: again.
+    // Unconfirmed items not found in the catch-up go again with the same cid: one
+    // stored after all is answered with its id (`duplicate`), not stored twice.
     for (const item of app.outbox) {
       if (item.room === room.name && (item.state === "unconfirmed" || item.state === "queued")) {
         sendItem(item);
@@ -693,10 +1013,10 @@
     } else if (purpose === "backlog" || purpose === "catchup") {
       showError(code, `history of ${name}: ${message}`);
       drop(`catch-up of ${name}: ${code}`); // reconnect later and try again
-    } else if (purpose === "send") {
-      const item = takeItem(ref);
-      if (item) failItem(item, code, message);
-      showError(code, message);
+    } else if (purpose === "send" || purpose === "edit" || purpose === "delete") {
+      const item = ref && sentItem(ref);
+      if (item) refused(item, code, message);
+      else showError(code, message);
     } else {
       if (purpose === "older") {
         const room = app.rooms.get(name);

@@ -76,6 +76,8 @@ class Dialect:
     # A unique key broken by a writer that committed first (two instances storing
     # the same cid at once): nothing committed, and a retry finds its row.
     conflict_errors: tuple[type[BaseException], ...] = ()
+    # Whether after_erasure has work to do (a delete then waits for it).
+    erases_after_commit = False
 
     def sql(self, text: str) -> str:
         """SQL is written with %s placeholders; dialects with another style convert."""
@@ -560,7 +562,7 @@ class SQLStore:
         ts = int(self._clock.seconds() * 1000)
         entries: list[Entry] = [(p.room, p.user, p.body, p.cid, p.op, p.target) for p in batch]
         d = self._interaction(self._write_batch, entries, ts)
-        if any(p.op >= DELETE for p in batch):
+        if self._dialect.erases_after_commit and any(p.op >= DELETE for p in batch):
             d.addCallback(self._erased)
         d.addCallbacks(
             self._written,

@@ -16,6 +16,7 @@ class SQLiteDialect(Dialect):
     connection_errors = (sqlite3.InterfaceError,)
     database_errors = (sqlite3.OperationalError, sqlite3.DatabaseError)
     conflict_errors = (sqlite3.IntegrityError,)
+    erases_after_commit = True
 
     def sql(self, text: str) -> str:
         return text.replace("%s", "?")
