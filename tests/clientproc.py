@@ -28,8 +28,10 @@ class ClientProcess(ProcessProtocol):
         self.lines: list[str] = []
         self.errors: list[str] = []
         self._buffers = {1: b"", 2: b""}
-        self._waiters: list[tuple[re.Pattern[str], int, Deferred[str]]] = []
+        # (pattern, fd, first line to look at, deferred)
+        self._waiters: list[tuple[re.Pattern[str], int, int, Deferred[str]]] = []
         self.pos = 0  # lines before this index have been consumed by expect()
+        self.err_pos = 0  # the same for errors and expect_error()
         self.ended: Deferred[int] = Deferred()
 
     # output
@@ -40,8 +42,8 @@ class ClientProcess(ProcessProtocol):
         target = self.lines if fd == 1 else self.errors
         for raw in complete:
             target.append(raw.decode("utf-8", errors="replace"))
-        if fd == 1 and complete:
-            self._check()
+        if complete:
+            self._check(fd)
 
     def outReceived(self, data: bytes) -> None:
         self._received(1, data)
@@ -53,20 +55,26 @@ class ClientProcess(ProcessProtocol):
         for fd in (1, 2):
             if self._buffers[fd]:
                 self._received(fd, b"\n")
-        for _, _, d in self._waiters:
+        for *_, d in self._waiters:
             if not d.called:
                 d.errback(AssertionError(f"client ended; it said:\n{self.transcript()}"))
         self._waiters.clear()
         self.ended.callback(reason.value.exitCode)
 
-    def _check(self) -> None:
+    def _check(self, fd: int) -> None:
+        target = self.lines if fd == 1 else self.errors
         for waiter in list(self._waiters):
-            pattern, start, d = waiter
-            for i in range(start, len(self.lines)):
-                if pattern.search(self.lines[i]):
+            pattern, on, start, d = waiter
+            if on != fd:
+                continue
+            for i in range(start, len(target)):
+                if pattern.search(target[i]):
                     self._waiters.remove(waiter)
-                    self.pos = max(self.pos, i + 1)
-                    d.callback(self.lines[i])
+                    if fd == 1:
+                        self.pos = max(self.pos, i + 1)
+                    else:
+                        self.err_pos = max(self.err_pos, i + 1)
+                    d.callback(target[i])
                     break
 
     def transcript(self) -> str:
@@ -74,9 +82,17 @@ class ClientProcess(ProcessProtocol):
 
     async def expect(self, pattern: str, timeout: float = TIMEOUT) -> str:
         """The next line (after the last one expected) that matches ``pattern``."""
+        return await self._expect(pattern, 1, timeout)
+
+    async def expect_error(self, pattern: str, timeout: float = TIMEOUT) -> str:
+        """``expect`` for stderr, with its own place."""
+        return await self._expect(pattern, 2, timeout)
+
+    async def _expect(self, pattern: str, fd: int, timeout: float) -> str:
         d: Deferred[str] = Deferred()
-        self._waiters.append((re.compile(pattern), self.pos, d))
-        self._check()
+        start = self.pos if fd == 1 else self.err_pos
+        self._waiters.append((re.compile(pattern), fd, start, d))
+        self._check(fd)
         try:
             return await d.addTimeout(timeout, reactor)
         except Exception as e:
@@ -107,10 +123,11 @@ def spawn_client(*args: str) -> ClientProcess:
 
 
 def chat_lines(lines: list[str], room: str) -> list[tuple[int, str, str]]:
-    """(id, user, body) of every ``[room] #id user: body`` line, in printed order."""
+    """(id, user, body) of every ``[room] #id user: body`` line, in printed order
+    (not the ``user edited #id: body`` lines of edit events)."""
     found = []
     for line in lines:
-        m = re.fullmatch(rf"\[{re.escape(room)}\] #(\d+) ([^:]+): (.*)", line)
+        m = re.fullmatch(rf"\[{re.escape(room)}\] #(\d+) (\S+): (.*)", line)
         if m:
             found.append((int(m.group(1)), m.group(2), m.group(3)))
     return found

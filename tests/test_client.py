@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import random
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jwt
 import pytest
 import pytest_twisted
 from clientproc import chat_lines, spawn_client, talk_elsewhere
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
 from wsclient import connect
 
 from chatserver.client.connection import close_verdict, with_credentials
 from chatserver.client.events import Acked, Message, Notice, Problem, Resync
-from chatserver.client.session import Backoff, RoomState, Session, TokenBucket
-from chatserver.client.terminal import format_message, parse_line, printable
+from chatserver.client.session import (
+    READ_INTERVAL,
+    Backoff,
+    RoomState,
+    Session,
+    Throttle,
+    TokenBucket,
+)
+from chatserver.client.terminal import USAGE, format_message, parse_line, printable
 
 ensure = pytest_twisted.ensureDeferred
 SECRET = "test-secret-that-is-long-enough-for-hs256"
@@ -26,7 +38,8 @@ SECRET = "test-secret-that-is-long-enough-for-hs256"
 # --- the pure logic -------------------------------------------------------------
 
 
-def msg(room: str, id: int, user: str = "bob", body: str | None = None) -> dict:
+def msg(room: str, id: int, user: str = "bob", body: str | None = None, **extra) -> dict:
+    """A ``message`` frame; ``extra``: the protocol 1.1 fields (cid, edits, deletes...)."""
     return {
         "type": "message",
         "room": room,
@@ -34,6 +47,7 @@ def msg(room: str, id: int, user: str = "bob", body: str | None = None) -> dict:
         "user": user,
         "body": body if body is not None else f"m{id}",
         "ts": 1_795_000_000_000 + id,
+        **extra,
     }
 
 
@@ -130,7 +144,10 @@ def test_reconnect_with_nothing_new_needs_no_history():
     assert s.drain()[0] == [] and s.resumed()
 
 
-def test_a_message_whose_ack_was_lost_is_found_in_history_not_sent_twice():
+CID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def test_a_message_whose_ack_was_lost_is_found_in_history_by_its_cid_not_sent_twice():
     s = Session("alice", ["r"], backlog=0)
     s.connected()
     (join,), _ = s.drain()
@@ -138,27 +155,79 @@ def test_a_message_whose_ack_was_lost_is_found_in_history_not_sent_twice():
     stored = s.say("stored before the drop")
     lost = s.say("never reached the server")
     sends, _ = s.drain()
-    assert [f["body"] for f in sends] == [stored.body, lost.body]
+    assert [(f["body"], f["cid"]) for f in sends] == [
+        (stored.body, stored.cid),
+        (lost.body, lost.cid),
+    ]
     s.disconnected()  # neither was acked
 
-    s.say("typed while offline")
+    offline = s.say("typed while offline")
     assert s.drain() == ([], [Notice("not connected: queued until connected")])
     s.connected()
     (join,), _ = s.drain()
     answer(s, join, "joined", room="r", last_id=1)
     (page,), _ = s.drain()
     assert page["after"] == 0
-    answer(s, page, "history", room="r", messages=[msg("r", 1, "alice", stored.body)])
+    answer(s, page, "history", room="r", messages=[msg("r", 1, "alice", "edited", cid=stored.cid)])
     frames, events = s.drain()
-    assert Acked(stored.local, "r", 1) in events
-    # The unconfirmed one was not stored: sent again, then the queued one.
-    assert [(f["type"], f["body"]) for f in frames] == [
-        ("send", "never reached the server"),
-        ("send", "typed while offline"),
+    assert Acked(stored.local, "r", 1) in events  # by its cid, whatever the body now says
+    # The unconfirmed one was not stored: sent again with its cid, then the queued one.
+    assert [(f["type"], f["body"], f["cid"]) for f in frames] == [
+        ("send", "never reached the server", sends[1]["cid"]),
+        ("send", "typed while offline", offline.cid),
     ]
-    answer(s, frames[0], "ack", room="r", id=2, ts=0)
+    assert len({stored.cid, lost.cid, offline.cid}) == 3
+    assert all(CID.fullmatch(i.cid) for i in (stored, lost, offline))
+    answer(s, frames[0], "ack", room="r", id=2, ts=0, cid=lost.cid)
     assert s.drain()[1] == [Acked(lost.local, "r", 2)]
     assert len(s.outbox.items) == 1
+
+
+def test_a_resend_is_not_guessed_from_the_body_and_a_duplicate_ack_confirms_it():
+    s = live_session("r")
+    item = s.say("hello")
+    (sent,), _ = s.drain()
+    s.disconnected()
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "joined", room="r", last_id=2)
+    (page,), _ = s.drain()
+    # Our user and our body, but not our cid (say, typed the same on another
+    # device; or a 1.0 send): not this message, which was not stored.
+    same = [msg("r", 1, "alice", "hello"), msg("r", 2, "alice", "hello", cid="other")]
+    answer(s, page, "history", room="r", messages=same)
+    (again,), events = s.drain()
+    assert not any(isinstance(e, Acked) for e in events)
+    assert (again["type"], again["body"], again["cid"]) == ("send", "hello", sent["cid"])
+    # Its first copy was stored after all (its commit raced the reconnect): the
+    # server answers with that copy's id, and that is a confirmation like any other.
+    answer(s, again, "ack", room="r", id=3, ts=0, cid=item.cid, duplicate=True)
+    assert s.drain() == ([], [Acked(item.local, "r", 3)])
+    assert s.outbox.items == []
+
+
+def test_a_late_live_copy_of_our_message_settles_it_by_cid_once():
+    s = live_session("r")
+    first, second = s.say("one"), s.say("two")
+    sent, _ = s.drain()
+    s.disconnected()
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "joined", room="r", last_id=None)  # neither published yet
+    (resend_1, resend_2), _ = s.drain()
+    assert [f["cid"] for f in (resend_1, resend_2)] == [f["cid"] for f in sent]
+    # Their first copies are published now: each is shown, and settles its item...
+    s.handle(msg("r", 1, "alice", "one", cid=first.cid))
+    assert s.drain()[1][1:] == [Acked(first.local, "r", 1)]
+    # ...and the duplicate ack of the resend finds nothing more to settle.
+    answer(s, resend_1, "ack", room="r", id=1, ts=0, cid=first.cid, duplicate=True)
+    assert s.drain() == ([], [])
+    # Someone else's message with our cid (cids are per user) proves nothing.
+    s.handle(msg("r", 2, "mallory", "two", cid=second.cid))
+    assert [type(e) for e in s.drain()[1]] == [Message]
+    answer(s, resend_2, "ack", room="r", id=3, ts=0, cid=second.cid)
+    assert s.drain()[1] == [Acked(second.local, "r", 3)]
+    assert s.outbox.items == []
 
 
 def test_sends_wait_for_the_room_to_be_caught_up():
@@ -335,9 +404,9 @@ def test_room_state_shows_each_id_once_and_only_the_stream_moves_the_cursor():
     assert state.seen == {3, 5, 7}
 
 
-def live_session(*rooms: str) -> Session:
-    """A session whose rooms are joined (empty) and live."""
-    s = Session("alice", rooms, backlog=0)
+def live_session(*rooms: str, **options) -> Session:
+    """A session whose rooms are joined (empty) and live; ``options`` for ``Session``."""
+    s = Session("alice", rooms, backlog=0, **options)
     s.connected()
     for f in s.drain()[0]:
         answer(s, f, "joined", room=f["room"], last_id=None)
@@ -440,6 +509,450 @@ def test_the_entry_point_and_python_dash_m():
         [sys.executable, "-m", "chatserver.client", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.startswith("usage: chatserver-client ")
+
+
+def test_edit_and_delete_go_to_the_current_room_and_their_answers_settle_them():
+    s = live_session("r")
+    edit = s.edit(3, "fixed")
+    delete = s.delete(4)
+    (e, d), _ = s.drain()
+    assert e == {
+        "type": "edit",
+        "room": "r",
+        "id": 3,
+        "body": "fixed",
+        "cid": edit.cid,
+        "ref": e["ref"],
+    }
+    assert d == {"type": "delete", "room": "r", "id": 4, "ref": d["ref"]}  # no cid
+    assert CID.fullmatch(edit.cid) and delete.cid is None
+    answer(s, e, "ack", room="r", id=5, ts=0, cid=edit.cid)
+    answer(s, d, "ack", room="r", id=6, ts=0)
+    assert s.drain() == ([], [Acked(edit.local, "r", 5), Acked(delete.local, "r", 6)])
+    # Refusals print like any error frame, with what was not done.
+    s.edit(1, "not mine")
+    s.delete(2)
+    (e, d), _ = s.drain()
+    answer(s, e, "error", code="forbidden", message="only its author may edit message 1")
+    answer(s, d, "error", code="not_found", message="no message 2 in r")
+    assert s.drain()[1] == [
+        Problem("forbidden", "only its author may edit message 1 (not sent: edit of #1: not mine)"),
+        Problem("not_found", "no message 2 in r (not sent: delete of #2)"),
+    ]
+    assert s.outbox.items == []
+    s.leave()
+    s.drain()
+    assert s.edit(1, "x") is None and s.delete(1) is None
+    assert s.drain()[1] == [Problem("not_member", "join a room first: /join ROOM")] * 2
+
+
+def test_edits_and_deletes_whose_acks_were_lost_are_found_or_sent_again():
+    s = live_session("r")
+    found_edit, lost_edit = s.edit(1, "found"), s.edit(1, "lost")
+    found_delete, lost_delete = s.delete(2), s.delete(3)
+    first_copies, _ = s.drain()
+    s.disconnected()
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "joined", room="r", last_id=7)
+    (page,), _ = s.drain()
+    events = [
+        msg("r", 5, "alice", "found", cid=found_edit.cid, edits=1),
+        msg("r", 6, "alice", "", deletes=2),  # a delete event has no cid: ours by what it deletes
+        msg("r", 7, "mod", "", deletes=3),  # the admin API's, not ours
+    ]
+    answer(s, page, "history", room="r", messages=events)
+    frames, got = s.drain()
+    assert [e for e in got if isinstance(e, Acked)] == [
+        Acked(found_edit.local, "r", 5),
+        Acked(found_delete.local, "r", 6),
+    ]
+    assert [(f["type"], f["id"], f.get("cid")) for f in frames] == [
+        ("edit", 1, first_copies[1]["cid"]),
+        ("delete", 3, None),
+    ]
+    # A delete sent again finds its message gone (deleted by its first copy, or by
+    # someone else): done, not an error.
+    answer(s, frames[1], "error", code="not_found", message="no message 3 in r")
+    answer(s, frames[0], "ack", room="r", id=8, ts=0, cid=lost_edit.cid, duplicate=True)
+    assert s.drain() == ([], [Acked(lost_edit.local, "r", 8)])
+    assert s.outbox.items == [] and lost_delete.retried
+
+
+def test_edit_and_delete_events_count_as_seen_when_resuming():
+    s = live_session("r")
+    s.handle(msg("r", 1))
+    s.handle(msg("r", 2, body="fixed", edits=1, cid="e1"))
+    s.handle(msg("r", 3, body="", deletes=1))
+    _, events = s.drain()
+    assert [(e.id, e.edits, e.deletes) for e in events] == [
+        (1, None, None),
+        (2, 1, None),
+        (3, None, 1),
+    ]
+    assert s.rooms["r"].cursor == 3
+    s.handle(msg("r", 3, body="", deletes=1))  # a repeat of an event: once, as a message
+    assert s.drain() == ([], [])
+    s.disconnected()
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "joined", room="r", last_id=5)
+    (page,), _ = s.drain()
+    assert page["after"] == 3  # not 1: the events were seen
+    answer(s, page, "history", room="r", messages=[msg("r", 4), msg("r", 5, body="x", edits=4)])
+    assert shown(s.drain()[1]) == [("r", 4), ("r", 5)]
+    assert s.rooms["r"].cursor == 5
+
+
+def test_message_from_frame_reads_the_1_1_fields_and_drops_malformed_ones():
+    plain = Message.from_frame(msg("r", 1))
+    assert (plain.cid, plain.edits, plain.deletes, plain.edited, plain.deleted) == (
+        None,
+        None,
+        None,
+        None,
+        False,
+    )
+    full = Message.from_frame(msg("r", 2, cid="c", edits=1, edited=5, deleted=True))
+    assert (full.cid, full.edits, full.edited, full.deleted) == ("c", 1, 5, True)
+    odd = Message.from_frame(msg("r", 3, cid=7, edits=True, deletes="1", edited=None, deleted=1))
+    assert (odd.cid, odd.edits, odd.deletes, odd.edited, odd.deleted) == (
+        None,
+        None,
+        None,
+        None,
+        False,
+    )
+
+
+def test_format_of_events_and_of_edited_and_deleted_messages():
+    def line(**fields) -> str:
+        return format_message(Message.from_frame(msg("r", 9, "bob", **fields)))
+
+    assert (
+        line(body="new\x1b[2J text", edits=4, cid="c") == "[r] #9 bob edited #4: new\\x1b[2J text"
+    )
+    assert line(body="", deletes=4) == "[r] #9 bob deleted #4"
+    assert line(body="", edits=4) == "[r] #9 bob edited #4: (deleted)"  # erased with its message
+    assert (
+        line(body="latest\u202e", edited=1_795_000_000_123) == "[r] #9 bob: latest\\u202e (edited)"
+    )
+    assert line(body="", edited=1_795_000_000_123, deleted=True) == "[r] #9 bob: (deleted)"
+    assert line(body="plain", cid="c") == "[r] #9 bob: plain"
+
+
+class FakeLink:
+    """Stands for the WebSocket: records what the client would send."""
+
+    is_open = True
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def send(self, frames: list[dict]) -> None:
+        self.sent.extend(frames)
+
+
+def test_edit_and_delete_commands_refuse_bad_usage_and_send_nothing():
+    from chatserver.client.terminal import Client, message_id
+
+    out: list[str] = []
+    err: list[str] = []
+    client = Client(None, "ws://h/ws", live_session("r"), out.append, err.append)
+    client.link = link = FakeLink()
+    bad = ["/edit", "/edit 3", "/edit x text", "/edit 0 text", "/edit -1 text", "/edit 1.5 t"]
+    bad += [
+        "/delete",
+        "/delete x",
+        "/delete 3 4",
+        "/delete \uff13",
+        f"/delete {2**63}",
+        "/DELETE #",
+    ]
+    for line in bad:
+        client.line(line)
+    assert link.sent == [] and client.session.outbox.items == []
+    assert err == [f"! usage: {USAGE['edit']}"] * 6 + [f"! usage: {USAGE['delete']}"] * 6
+    assert out == []
+    client.line("/edit #3   new  text ")
+    client.line("/Delete 12")
+    assert [(f["type"], f["room"], f["id"], f.get("body")) for f in link.sent] == [
+        ("edit", "r", 3, "new  text"),
+        ("delete", "r", 12, None),
+    ]
+    assert message_id("#12") == message_id("12") == 12
+    assert message_id("+12") is message_id("1_2") is message_id("#") is None
+
+
+# --- read markers and typing (protocol 1.1), on a fake clock -----------------------
+
+
+class FakeClock:
+    """The session's clock, moved by the test (in steps exact in binary, so that a due
+    time is reached exactly)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def reads(frames: list[dict]) -> list[tuple[str, int]]:
+    return [(f["room"], f["id"]) for f in frames if f["type"] == "read"]
+
+
+def test_what_is_shown_is_marked_read_once_per_interval_with_the_newest_id():
+    clock = FakeClock()
+    s = Session("alice", ["r"], backlog=3, clock=clock)
+    s.connected()
+    (join,), _ = s.drain()
+    assert s.read_delay() is None  # not joined yet
+    answer(s, join, "joined", room="r", last_id=5, last_read=1, unread=4)
+    (backlog,), events = s.drain()
+    assert events == [Notice("joined r"), Notice("[r] 4 unread")]
+    assert s.read_delay() is None  # nothing shown yet
+    answer(s, backlog, "history", room="r", messages=[msg("r", i) for i in (3, 4, 5)], more=True)
+    assert s.drain()[0] == []  # markers go only when the driver asks
+    assert s.read_delay() == 0
+    assert s.send_reads() == 1
+    (read,), _ = s.drain()
+    assert read == {"type": "read", "room": "r", "id": 5, "ref": read["ref"]}
+
+    # A burst within the interval: nothing until it is over, then one marker, the newest.
+    for i in range(6, 16):
+        s.handle(msg("r", i))
+        clock.advance(0.0625)
+        assert s.send_reads() == 0
+    assert shown(s.drain()[1]) == [("r", i) for i in range(6, 16)]
+    assert s.read_delay() == READ_INTERVAL - 0.625
+    clock.advance(0.375)
+    assert s.read_delay() == 0 and s.send_reads() == 1
+    frames, _ = s.drain()
+    assert reads(frames) == [("r", 15)]
+    answer(s, read, "read", room="r", id=5)  # the server's answers print nothing
+    answer(s, frames[0], "read", room="r", id=15)
+    assert s.drain() == ([], [])
+    assert s.read_delay() is None and s.send_reads(force=True) == 0  # nothing new shown
+    # Our own messages count as shown too: the marker is a position, not a count.
+    s.handle(msg("r", 16, "alice"))
+    clock.advance(READ_INTERVAL)
+    s.send_reads()
+    assert reads(s.drain()[0]) == [("r", 16)]
+
+
+def test_read_markers_from_the_server_keep_the_highest_and_print_nothing():
+    clock = FakeClock()
+    s = live_session("r", clock=clock)
+    for i in (1, 2, 3):
+        s.handle(msg("r", i))
+    s.drain()
+    s.handle({"type": "read", "room": "r", "id": 10})  # read on another device, further
+    s.handle({"type": "read", "room": "r", "id": 2})  # an older one, late: kept the highest
+    for odd in (
+        {"type": "read", "room": "r", "id": True},
+        {"type": "read", "room": "r", "id": "11"},
+        {"type": "read", "room": ["r"], "id": 11},
+        {"type": "read", "room": "elsewhere", "id": 11},
+        {"type": "read"},
+    ):
+        s.handle(odd)
+    assert s.drain() == ([], [])
+    assert s.rooms["r"].read == 10
+    assert s.read_delay() is None  # what we showed is read already
+    s.handle(msg("r", 11))
+    assert s.send_reads() == 1
+    assert reads(s.drain()[0]) == [("r", 11)]
+    # A join answered from before the marker moved (it crossed the read frame)
+    # does not take it back: the server's marker only grows.
+    s.disconnected()
+    s.connected()
+    (join,), _ = s.drain()
+    s.handle({"type": "read", "room": "r", "id": 11})
+    answer(s, join, "joined", room="r", last_id=11, last_read=4, unread=0)
+    assert s.rooms["r"].read == 11 and s.read_delay() is None
+
+
+def test_history_scroll_back_is_not_marked_read():
+    s = Session("alice", ["r"], backlog=0, clock=FakeClock())
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "joined", room="r", last_id=10, last_read=None, unread=10)
+    assert s.drain()[1] == [Notice("joined r"), Notice("[r] 10 unread")]
+    s.older(5)
+    (older,), _ = s.drain()
+    answer(s, older, "history", room="r", messages=[msg("r", i) for i in range(6, 11)], more=True)
+    assert shown(s.drain()[1]) == [("r", i) for i in range(6, 11)]
+    assert s.read_delay() is None and s.send_reads(force=True) == 0
+
+
+def test_a_marker_lost_with_the_connection_is_sent_again_after_the_rejoin():
+    clock = FakeClock()
+    s = live_session("r", clock=clock)
+    s.handle(msg("r", 1))
+    s.send_reads()
+    assert reads(s.drain()[0]) == [("r", 1)]
+    s.handle(msg("r", 2))
+    s.disconnected()  # the marker for 1 was not answered, 2 was not marked
+    clock.advance(5)
+    assert s.read_delay() is None  # offline
+    s.connected()
+    (join,), _ = s.drain()
+    assert s.read_delay() is None  # not joined yet: the server would refuse it
+    answer(s, join, "joined", room="r", last_id=3, last_read=None, unread=3)
+    (page,), events = s.drain()
+    assert events == [Notice("joined r"), Notice("[r] 3 unread")]
+    assert s.read_delay() == 0  # the server has no marker, and 2 was shown
+    answer(s, page, "history", room="r", messages=[msg("r", 3)])
+    s.send_reads()
+    assert reads(s.drain()[0]) == [("r", 3)]
+    # Reconnected again: the server has it now, so nothing is sent.
+    s.disconnected()
+    s.connected()
+    (join,), _ = s.drain()
+    answer(s, join, "joined", room="r", last_id=3, last_read=3, unread=0)
+    assert s.drain() == ([], [Notice("joined r")])
+    clock.advance(5)
+    assert s.read_delay() is None
+
+
+def test_read_errors_print_nothing_and_only_passing_ones_are_retried():
+    clock = FakeClock()
+    s = live_session("a", "b", clock=clock)
+    s.handle(msg("a", 1))
+    s.handle(msg("b", 1))
+    s.send_reads()
+    (read_a, read_b), _ = s.drain()
+    answer(s, read_a, "error", code="unavailable", message="read marker not stored; try again")
+    answer(s, read_b, "error", code="not_member", message="not in b")
+    assert s.drain() == ([], [])
+    clock.advance(READ_INTERVAL)
+    s.send_reads()
+    assert reads(s.drain()[0]) == [("a", 1)]  # b's would only be refused again
+
+
+def test_read_markers_take_only_the_budget_given_the_longest_waiting_first():
+    clock = FakeClock()
+    s = live_session("a", "b", "c", clock=clock)
+    for room in "abc":
+        s.handle(msg(room, 1))
+    assert s.send_reads(-3) == 0 and s.send_reads(0) == 0
+    assert s.send_reads(2) == 2
+    assert reads(s.drain()[0]) == [("a", 1), ("b", 1)]
+    assert s.read_delay() == 0  # c is still due
+    clock.advance(0.25)
+    assert s.send_reads(2) == 1
+    assert reads(s.drain()[0]) == [("c", 1)]
+    for room in "cba":
+        s.handle(msg(room, 2))
+    clock.advance(2 * READ_INTERVAL)
+    s.send_reads(1)
+    s.send_reads(1)
+    s.send_reads(1)
+    assert reads(s.drain()[0]) == [("a", 2), ("b", 2), ("c", 2)]
+    # At the end (the program quits), the interval does not hold the last ones back.
+    s.handle(msg("a", 3))
+    assert s.send_reads() == 0 and s.send_reads(force=True) == 1
+    assert reads(s.drain()[0]) == [("a", 3)]
+
+
+def test_a_session_that_shows_nothing_marks_nothing_read():
+    s = live_session("r", clock=FakeClock(), mark_read=False)
+    s.handle(msg("r", 1))
+    assert s.read_delay() is None and s.send_reads(force=True) == 0
+
+
+def test_unread_is_a_status_line_only_when_there_is_some():
+    s = Session("alice", ["a", "b", "c", "d"], backlog=0)
+    s.connected()
+    joins, _ = s.drain()
+    for f, unread in zip(joins, (0, None, True, 7), strict=True):
+        answer(s, f, "joined", room=f["room"], last_id=None, last_read=None, unread=unread)
+    assert s.drain()[1] == [
+        Notice("joined a"),
+        Notice("joined b"),
+        Notice("joined c"),
+        Notice("joined d"),
+        Notice("[d] 7 unread"),
+    ]
+
+
+def test_typing_is_shown_once_per_user_and_room_per_interval_never_for_our_own_user():
+    clock = FakeClock()
+    s = live_session("r", "s", clock=clock)
+
+    def typing(room, user) -> list:
+        s.handle({"type": "typing", "room": room, "user": user})
+        frames, events = s.drain()
+        assert frames == []  # never answered
+        return events
+
+    assert typing("r", "bob") == [Notice("[r] bob is typing")]
+    assert typing("r", "bob") == []
+    assert typing("r", "carol") == [Notice("[r] carol is typing")]
+    assert typing("s", "bob") == [Notice("[s] bob is typing")]
+    for room, user in [("r", "alice"), ("x", "bob"), ("r", "bad name"), ("r", None), (["r"], "b")]:
+        assert typing(room, user) == []
+    clock.advance(4.5)
+    assert typing("r", "bob") == []
+    clock.advance(0.5)
+    assert typing("r", "bob") == [Notice("[r] bob is typing")]
+    clock.advance(-3600)  # the wall clock was set back: not silenced for an hour
+    assert typing("r", "carol") == [Notice("[r] carol is typing")]
+
+
+def test_the_typing_throttle_forgets_keys_past_their_interval():
+    throttle = Throttle(5.0, tracked_max=4)
+    for i in range(100):
+        assert throttle.allow(("r", f"u{i}"), float(i))
+        assert len(throttle._last) <= 8
+    assert not throttle.allow(("r", "u99"), 100.0)
+
+
+class PacedProto:
+    """Stands for the open WebSocket under a real ``Link``: records what it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def sendMessage(self, payload: bytes) -> None:
+        self.sent.append(json.loads(payload))
+
+
+def test_the_client_sends_read_markers_only_within_the_pacing_s_spare_room():
+    """Thirty rooms with news at once: the markers go as the bucket has room beyond
+    a reserve, so the frames the user sends meanwhile never wait behind them."""
+    from chatserver.client.terminal import READ_RESERVE, Client
+
+    clock = task.Clock()
+    clock.advance(1000)
+    rooms = [f"r{i}" for i in range(30)]
+    out: list[str] = []
+    session = Session("alice", rooms, backlog=0, clock=clock.seconds)
+    client = Client(clock, "ws://h/ws?user=alice", session, out.append, out.append)
+    proto = PacedProto()
+    client.link.opened(proto)
+    assert len(proto.sent) == client.link.bucket.burst  # the rest of the joins is paced
+    clock.pump([0.125] * 24)  # the joins, then the bucket fills up again
+    for frame in list(proto.sent):
+        client.received({"type": "joined", "ref": frame["ref"], "room": frame["room"]})
+    for room in rooms:
+        client.received(msg(room, 1))
+    assert sum(line.endswith(": m1") for line in out) == 30
+    proto.sent.clear()
+    clock.advance(0)  # the markers' timer (all due now)
+    burst = client.link.bucket.burst
+    assert len(reads(proto.sent)) == burst - READ_RESERVE
+    client.line("hello")  # goes at once: the reserve
+    assert proto.sent[-1]["type"] == "send"
+    for _ in range(5):
+        assert not client.link._queue  # nothing ever waits behind a marker
+        clock.advance(READ_INTERVAL)
+    assert sorted(reads(proto.sent)) == sorted((room, 1) for room in rooms)
+    assert session.read_delay() is None and not clock.getDelayedCalls()
 
 
 # --- the real program against real servers ----------------------------------------
@@ -607,3 +1120,329 @@ async def test_client_resumes_after_a_server_restart_nothing_missing_or_doubled(
         "I am back",
     ]
     assert not any(re.search(r"Traceback|Unhandled", line) for line in proc.errors)
+
+
+@ensure
+async def test_each_message_sent_carries_a_cid_of_its_own(server):
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
+    try:
+        await proc.expect(r"^\* joined r$")
+        proc.type("one", "two")
+        got = [await message_with(bob, "one"), await message_with(bob, "two")]
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+    script = spawn_client(url(server.port), "--user", "alice", "--room", "r", "--send", "three")
+    assert await script.wait_ended() == 0, script.transcript()
+    assert script.lines == ["3"]
+    got.append(await message_with(bob, "three"))
+    cids = [m["cid"] for m in got]
+    assert all(CID.fullmatch(c) for c in cids) and len(set(cids)) == 3
+    page = await bob.request({"type": "history", "room": "r"})
+    assert [m["cid"] for m in page["messages"]] == cids
+
+
+def cut(server, user: str) -> None:
+    """Close ``user``'s connections from the server's side, as a restart would."""
+    for session in list(server.chat.users.get(user, [])):
+        server.chat.disconnect(session, 1001, "cut by the test")
+
+
+def watch_appends(server, monkeypatch, user: str, first: Callable) -> list[Deferred]:
+    """Every message ``user`` stores goes through the real store; the first one's
+    result then passes through ``first`` before the chat core hears of it. Returns
+    one Deferred per append, fired with what the store made of it."""
+    real = server.store.append
+    stored: list[Deferred] = [Deferred() for _ in range(4)]
+    count = itertools.count()
+
+    def append(room, who, body, cid=None):
+        d = real(room, who, body, cid)
+        if who == user:
+            n = next(count)
+
+            def seen(message):
+                stored[n].callback(message)
+                return message
+
+            d.addCallback(seen)
+            if n == 0:
+                d.addCallback(first)
+        return d
+
+    monkeypatch.setattr(server.store, "append", append)
+    return stored
+
+
+@ensure
+async def test_a_send_whose_ack_was_lost_is_sent_again_with_its_cid_and_stored_once(
+    server, monkeypatch
+):
+    """The corner a guess from history got wrong: the message is committed, but the
+    reconnect's join comes before it is published, so the catch-up cannot show it.
+    Sent again with its cid, it is answered with the stored id: one copy."""
+    release: Deferred = Deferred()
+
+    async def hold(message):
+        await release
+        return message
+
+    stored = watch_appends(server, monkeypatch, "alice", lambda m: Deferred.fromCoroutine(hold(m)))
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
+    try:
+        await proc.expect(r"^\* joined r$")
+        proc.type("only once")
+        first = await stored[0].addTimeout(10, reactor)  # committed; nobody knows yet
+        cut(server, "alice")
+        await proc.expect(r"^\* connection closed \(1001 cut by the test\); reconnecting in")
+        await proc.expect(r"^\* joined r$")
+        again = await stored[1].addTimeout(10, reactor)
+        assert (again.id, again.cid, again.duplicate) == (first.id, first.cid, True)
+        release.callback(None)  # the first copy is published now, to bob and to alice
+        await proc.expect(r"^\[r\] #1 alice: only once$")
+        assert (await message_with(bob, "only once"))["cid"] == first.cid
+        assert await bob.drain_to_pong() == []
+        proc.type("/quit")  # exits 0 only once the duplicate ack has confirmed it
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        if not release.called:
+            release.callback(None)
+        proc.kill()
+    assert not stored[2].called
+    page = await bob.request({"type": "history", "room": "r"})
+    assert [(m["id"], m["body"], m["cid"]) for m in page["messages"]] == [
+        (1, "only once", first.cid)
+    ]
+    assert [line for line in proc.lines if "only once" in line] == ["[r] #1 alice: only once"]
+    assert not any("not sent" in line for line in proc.errors), proc.transcript()
+
+
+@ensure
+async def test_a_send_whose_ack_was_lost_is_found_by_its_cid_and_not_sent_again(
+    server, monkeypatch
+):
+    def lose_the_ack(message):
+        cut(server, "alice")  # before the chat core acks it
+        return message
+
+    stored = watch_appends(server, monkeypatch, "alice", lose_the_ack)
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
+    try:
+        await proc.expect(r"^\* joined r$")
+        proc.type("ack lost")
+        first = await stored[0].addTimeout(10, reactor)
+        assert (await message_with(bob, "ack lost"))["cid"] == first.cid
+        await proc.expect(r"^\* connection closed \(1001 cut by the test\); reconnecting in")
+        await proc.expect(r"^\* joined r$")
+        proc.type("next")  # sent after the catch-up, so after any resend
+        await message_with(bob, "next")
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+    second = stored[1].result
+    assert (second.body, second.id, second.duplicate) == ("next", 2, False)
+    assert not stored[2].called
+    assert [line for line in proc.lines if "ack lost" in line] == ["[r] #1 alice: ack lost"]
+
+
+@ensure
+async def test_edit_and_delete_commands_end_to_end(server):
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
+    try:
+        await proc.expect(r"^\* joined r$")
+        proc.type("helo wrold")
+        sent = await message_with(bob, "helo wrold")
+        await proc.expect(r"^\[r\] #1 alice: helo wrold$")
+
+        proc.type("/edit #1 hello \x1b[1mworld")
+        edit = await message_with(bob, "hello \x1b[1mworld")
+        assert (edit["id"], edit["user"], edit["edits"]) == (2, "alice", 1)
+        assert CID.fullmatch(edit["cid"]) and edit["cid"] != sent["cid"]
+        await proc.expect(r"^\[r\] #2 alice edited #1: hello \\x1b\[1mworld$")
+
+        proc.type("/delete 1")
+        gone = await bob.expect("message")
+        assert (gone["id"], gone["user"], gone["body"], gone["deletes"]) == (3, "alice", "", 1)
+        assert "cid" not in gone
+        await proc.expect(r"^\[r\] #3 alice deleted #1$")
+
+        await bob.request({"type": "send", "room": "r", "body": "bob's"})
+        await proc.expect(r"^\[r\] #4 bob: bob's$")
+        proc.type("/edit 4 mine now")
+        await proc.expect_error(
+            r"^! forbidden: .*edit message 4 \(not sent: edit of #4: mine now\)$"
+        )
+        proc.type("/delete 4")
+        await proc.expect_error(r"^! forbidden: .*delete message 4")
+        proc.type("/delete 1")
+        await proc.expect_error(r"^! not_found: ")
+        proc.type("/edit 3 an event")
+        await proc.expect_error(r"^! not_found: ")
+        proc.type("/edit 99 not yet")
+        await proc.expect_error(r"^! bad_request: ")
+
+        proc.type("/edit 4", "/delete one")
+        await proc.expect_error(r"^! usage: /edit ID TEXT")
+        await proc.expect_error(r"^! usage: /delete ID")
+        proc.type("after all that")  # frames leave in order: nothing went before it
+        skipped = []
+        while (got := await bob.recv())["body"] != "after all that":
+            skipped.append(got["body"])
+        assert skipped == ["bob's"] and got["id"] == 5  # no event was stored either
+        await proc.expect(r"^\[r\] #5 alice: after all that$")
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+
+
+@ensure
+async def test_history_prints_edited_and_deleted_messages_and_their_events(server):
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    for frame in (
+        {"type": "send", "room": "r", "body": "frist"},
+        {"type": "edit", "room": "r", "id": 1, "body": "first\x07"},
+        {"type": "send", "room": "r", "body": "regret"},
+        {"type": "edit", "room": "r", "id": 3, "body": "regret more"},
+        {"type": "delete", "room": "r", "id": 3},
+        {"type": "send", "room": "r", "body": "last"},
+    ):
+        assert (await bob.request(frame))["type"] == "ack"
+    expected = [
+        "[r] #1 bob: first\\x07 (edited)",
+        "[r] #2 bob edited #1: first\\x07",
+        "[r] #3 bob: (deleted)",
+        "[r] #4 bob edited #3: (deleted)",  # its text is erased with its message
+        "[r] #5 bob deleted #3",
+        "[r] #6 bob: last",
+    ]
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r", "--backlog", "3")
+    try:
+        await proc.expect(r"^\[r\] #6 bob: last$")  # the backlog
+        proc.type("/history")  # and the older page: the same format
+        await proc.expect(r"^\* no older messages in r$")
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+    printed = [line for line in proc.lines if line.startswith("[r] ")]
+    assert printed == expected[3:] + expected[:3], proc.transcript()
+
+
+async def next_read(client) -> int:
+    """The id of the next ``read`` frame (messages and the rest are skipped)."""
+    while True:
+        got = await client.recv()
+        if got["type"] == "read":
+            assert "ref" not in got, got  # another connection's marker
+            return got["id"]
+
+
+@ensure
+async def test_the_client_marks_read_what_it_printed_for_the_users_other_connections(
+    make_server,
+):
+    server = make_server(rate_limit=20.0, rate_burst=40)  # the server's defaults
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    for i in (1, 2, 3):
+        await bob.request({"type": "send", "room": "r", "body": f"m{i}"})
+    elsewhere = await connect(server.port, "alice")  # her other device
+    joined = await elsewhere.join("r")
+    assert (joined["last_read"], joined["unread"]) == (None, 3)
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
+    try:
+        await proc.expect(r"^\* joined r$")
+        await proc.expect(r"^\* \[r\] 3 unread$")
+        await proc.expect(r"^\[r\] #3 bob: m3$")
+        assert await next_read(elsewhere) == 3  # the backlog
+        await bob.request({"type": "send", "room": "r", "body": "live"})
+        await proc.expect(r"^\[r\] #4 bob: live$")
+        assert await next_read(elsewhere) == 4
+        fresh = await connect(server.port, "alice")
+        joined = await fresh.join("r")
+        assert (joined["last_read"], joined["unread"]) == (4, 0)
+        # Printed right before /quit (within the interval, likely): marked all the same.
+        await bob.request({"type": "send", "room": "r", "body": "last words"})
+        await proc.expect(r"^\[r\] #5 bob: last words$")
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+        assert await next_read(elsewhere) == 5
+    finally:
+        proc.kill()
+    # The server's answers to the markers print nothing, and nothing was refused.
+    assert [line for line in proc.lines if "read" in line] == ["* [r] 3 unread"]
+    assert proc.errors == [], proc.transcript()
+
+
+@ensure
+async def test_a_burst_of_messages_is_marked_read_in_few_frames_ending_with_the_newest(
+    make_server,
+):
+    server = make_server(rate_limit=20.0, rate_burst=40)
+    carol = await connect(server.port, "carol")  # the limit is per connection
+    await carol.join("r")
+    for i in range(1, 31):
+        await carol.request({"type": "send", "room": "r", "body": f"m{i}"})
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    elsewhere = await connect(server.port, "alice")
+    await elsewhere.join("r")
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r", "--backlog", "30")
+    try:
+        await proc.expect(r"^\[r\] #30 carol: m30$")
+        assert await next_read(elsewhere) == 30  # thirty printed, one marker
+        for i in range(31, 51):  # one by one: each printed before the next is sent
+            bob.send({"type": "send", "room": "r", "body": f"m{i}"})
+            await proc.expect(rf"^\[r\] #{i} bob: m{i}$")
+        marked = [await next_read(elsewhere)]
+        while marked[-1] != 50:
+            marked.append(await next_read(elsewhere))
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+    # Twenty messages printed apart (a marker each, were they not coalesced).
+    assert marked == sorted(set(marked)) and len(marked) < 20, marked
+    assert [i for i, _, _ in chat_lines(proc.lines, "r")] == list(range(1, 51))
+    assert proc.errors == [], proc.transcript()  # no rate_limited, nor anything else
+
+
+@ensure
+async def test_typing_is_a_status_line_once_per_interval_and_never_for_our_own_user(
+    make_server,
+):
+    server = make_server(typing_interval=0.0)  # relays every one: the client must throttle
+    bob = await connect(server.port, "bob")
+    carol = await connect(server.port, "carol")
+    elsewhere = await connect(server.port, "alice")
+    for c in (bob, carol, elsewhere):
+        await c.join("r")
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
+    try:
+        await proc.expect(r"^\* joined r$")
+        for c in (bob, bob, carol, bob, elsewhere):
+            c.send({"type": "typing", "room": "r"})
+        for c in (bob, carol, elsewhere):
+            await c.drain_to_pong()  # each one's typing frames were handled and relayed
+        # Relayed to the client before this message, on the same connection: once it
+        # is printed, every typing frame has been seen.
+        await bob.request({"type": "send", "room": "r", "body": "done"})
+        await proc.expect(r"^\[r\] #1 bob: done$")
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+    typing = [line for line in proc.lines if line.endswith(" is typing")]
+    assert sorted(typing) == ["* [r] bob is typing", "* [r] carol is typing"], proc.transcript()

@@ -173,6 +173,14 @@ class Link:
             self._queue.append(json.dumps(frame, ensure_ascii=False).encode())
         self._pump()
 
+    def spare(self) -> int:
+        """Frames that would go at once, ahead of none: what the bucket holds beyond
+        the queue. Optional frames (read markers) are sent only within it, so they
+        never queue in front of what the user sends."""
+        if self.proto is None:
+            return 0
+        return int(self.bucket.available(self.reactor.seconds())) - len(self._queue)
+
     def _pump(self) -> None:
         self._pump_call = None
         while self._queue and self.proto is not None:

@@ -1,4 +1,4 @@
-"""The client's session logic, sans I/O: no sockets, no reactor, no terminal, no clock.
+"""The client's session logic, sans I/O: no sockets, no reactor, no terminal, no timers.
 
 Why sans I/O: resuming after a drop is the part of the client that must be
 right (nothing missing, nothing doubled, nothing out of order), and it is easy
@@ -6,8 +6,10 @@ to get wrong in the corners (a live message overtaking a catch-up page, an ack
 lost with the connection). Here it is a plain object that takes frames (dicts)
 and user actions in and gives frames to send and events to show out, so tests
 drive every such corner with dicts and no server. The policies the driver
-applies over time, ``Backoff`` (reconnects) and ``TokenBucket`` (pacing), take
-the time or the randomness as parameters for the same reason.
+applies over time, ``Backoff`` (reconnects), ``TokenBucket`` (pacing) and
+``Throttle`` (status lines), take the time or the randomness as parameters for
+the same reason; the session reads the time from the ``clock`` it is given
+(the driver's reactor, or a fake one in tests) and schedules nothing itself.
 
 Resuming after a drop (server restart, network loss): the client reconnects
 with exponential backoff and jitter (so a restarted server is not hit by every
@@ -17,13 +19,29 @@ messages that arrive meanwhile are held and merged in id order, and every
 message is shown at most once per (room, id), so nothing goes missing or
 doubles however the catch-up and the live stream overlap. Messages written
 meanwhile wait in the ``Outbox`` (``chatserver.client.outbox``).
+
+Every send carries a ``cid`` (protocol 1.1), kept across retries: a message
+whose ack was lost is recognised by its cid if the catch-up has it, and sent
+again with the same cid if not, which the server never stores twice. Edits and
+deletes go the same way. They are events with ids of their own in the room's
+sequence, so they count as seen like messages do.
+
+Read markers (protocol 1.1): what was shown live, in a backlog or in a catch-up
+(not ``/history``, which is scroll-back) is marked read with a ``read`` frame
+carrying the newest id shown in the room, so the user's other devices and the
+next ``joined`` (``last_read``, ``unread``) know. Markers are coalesced: one per
+room per ``READ_INTERVAL`` at most, and only past the marker the server has or
+was sent. They go when the driver calls ``send_reads`` (``read_delay`` says
+when), with a budget, so that they use the spare part of the client's pacing
+and never hold up what the user sends.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,14 +53,21 @@ from chatserver.client.events import (
     Notice,
     Problem,
     Resync,
+    int_field,
     make_frame,
 )
-from chatserver.client.outbox import Outbox, Outgoing
+from chatserver.client.outbox import DELETE, EDIT, SEND, Outbox, Outgoing
 from chatserver.wire import HISTORY_LIMIT_MAX, is_valid_name
 
 DEFAULT_BACKLOG = 20
 DEFAULT_OLDER = 20
 CATCHUP_PAGE = HISTORY_LIMIT_MAX
+READ_INTERVAL = 1.0  # seconds between two read markers of one room
+TYPING_INTERVAL = 5.0  # seconds between two "is typing" lines of one user in one room
+TYPING_TRACKED_MAX = 1024  # (room, user) pairs the typing throttle keeps before pruning
+# Read errors worth a retry (with a later marker or after the interval); others
+# would only repeat, so the marker is taken as sent.
+READ_RETRY_CODES = {"unavailable", "rate_limited"}
 
 
 # --- the policies over time: time and randomness come in as parameters --------------
@@ -103,6 +128,36 @@ class TokenBucket:
         self._refill(now)
         self._tokens -= 1
 
+    def available(self, now: float) -> float:
+        """Frames that could go now without waiting (whole or not)."""
+        self._refill(now)
+        return self._tokens
+
+
+class Throttle:
+    """At most one event per key per ``interval``: a status line that would repeat
+    what was said a moment ago (bob is typing, and typing, and typing) is dropped.
+    A clock that went back counts as the interval having passed, so a wall-clock
+    correction cannot silence a key for the length of the jump."""
+
+    def __init__(self, interval: float, tracked_max: int = TYPING_TRACKED_MAX) -> None:
+        self.interval = interval
+        self._last: dict[Hashable, float] = {}
+        self._prune_at = tracked_max
+        self._tracked_max = tracked_max
+
+    def allow(self, key: Hashable, now: float) -> bool:
+        """True (and counted) if ``key`` was not allowed within the interval before now."""
+        last = self._last.get(key)
+        if last is not None and 0 <= now - last < self.interval:
+            return False
+        if len(self._last) >= self._prune_at:
+            # Bounded memory; amortised: the next sweep waits until live keys double.
+            self._last = {k: t for k, t in self._last.items() if 0 <= now - t < self.interval}
+            self._prune_at = max(self._tracked_max, 2 * len(self._last))
+        self._last[key] = now
+        return True
+
 
 OFFLINE, JOINING, BACKLOG, CATCHUP, LIVE = "offline", "joining", "backlog", "catchup", "live"
 
@@ -117,6 +172,10 @@ class RoomState:
     ``seen``: ids shown, the de-duplication key with the room name.
     ``held``: live messages that came while the catch-up was still running, shown
     after it in id order. ``older``: a ``/history`` page asked for meanwhile.
+    ``newest``: the newest id shown live, in a backlog or in a catch-up, which is
+    what a read marker says was read (``/history`` pages are scroll-back).
+    ``read``: the marker the server is known to have (``joined``, ``read``);
+    ``read_sent``: the last one sent on this connection; ``read_at``: when.
     """
 
     name: str
@@ -126,6 +185,15 @@ class RoomState:
     phase: str = OFFLINE
     held: list[Message] = field(default_factory=list)
     older: int = 0
+    newest: int | None = None
+    read: int | None = None
+    read_sent: int | None = None
+    read_at: float | None = None
+
+    def unmarked(self) -> bool:
+        """Something was shown past every marker the server has or was sent."""
+        marker = max(self.read or 0, self.read_sent or 0)
+        return self.newest is not None and self.newest > marker
 
     def accept(self, message: Message, stream: bool = True) -> bool:
         """True the first time a message id is offered; then it counts as shown.
@@ -151,9 +219,14 @@ class Session:
     """The protocol logic of one user across any number of connections, without I/O.
 
     Call ``connected``/``disconnected`` as the transport comes and goes, ``handle``
-    with each frame from the server, and ``join``/``leave``/``say``/``older`` for
-    what the user does; then ``drain`` returns the frames to send and the events
-    to show, in order.
+    with each frame from the server, and ``join``/``leave``/``say``/``edit``/
+    ``delete``/``older`` for what the user does; then ``drain`` returns the frames
+    to send and the events to show, in order. Read markers wait for
+    ``send_reads``, which the driver calls ``read_delay`` seconds later.
+
+    ``clock``: seconds, monotonic or wall (the driver passes its reactor's); tests
+    pass a fake one. ``mark_read``: false for a front end that shows nothing
+    (``--send``), whose messages are then not marked read.
     """
 
     def __init__(
@@ -162,10 +235,18 @@ class Session:
         rooms: Iterable[str] = (),
         backlog: int = DEFAULT_BACKLOG,
         page: int = CATCHUP_PAGE,
+        clock: Callable[[], float] = time.monotonic,
+        mark_read: bool = True,
+        read_interval: float = READ_INTERVAL,
+        typing_interval: float = TYPING_INTERVAL,
     ) -> None:
         self.user = user
         self.backlog = backlog
         self.page = page
+        self.clock = clock
+        self.mark_read = mark_read
+        self.read_interval = read_interval
+        self.typing_shown = Throttle(typing_interval)
         self.rooms: dict[str, RoomState] = {}
         for room in rooms:
             self.rooms.setdefault(room, RoomState(room))
@@ -250,7 +331,7 @@ class Session:
             return
         del self.rooms[room]
         for item in self.outbox.drop_room(room):
-            self._problem("not_sent", f"left {room} before this was sent: {excerpt(item.body)}")
+            self._problem("not_sent", f"left {room} before this was sent: {item.summary()}")
         if self.current == room:
             self.current = next(reversed(self.rooms), None)
         if self.online:
@@ -261,13 +342,28 @@ class Session:
     def say(self, body: str, room: str | None = None) -> Outgoing | None:
         """Post a message to a room (default: the current one); None if not in it.
         It waits in the outbox until the room is live (joined and caught up): before
-        the join it would be refused, and before the catch-up an unconfirmed copy
-        from the last connection could not yet be told stored or not."""
+        the join it would be refused, and the catch-up may show that an unconfirmed
+        copy from the last connection was stored, which spares sending it again."""
+        return self._post(room, body, SEND)
+
+    def edit(self, target: int, body: str, room: str | None = None) -> Outgoing | None:
+        """Replace the body of message ``target`` (one of ours). Through the outbox
+        like a message, so that an edit typed offline or right before the end of
+        input still goes, and one whose ack was lost is retried with its cid."""
+        return self._post(room, body, EDIT, target)
+
+    def delete(self, target: int, room: str | None = None) -> Outgoing | None:
+        """Delete message ``target`` (one of ours); through the outbox as ``edit``."""
+        return self._post(room, "", DELETE, target)
+
+    def _post(
+        self, room: str | None, body: str, kind: str, target: int | None = None
+    ) -> Outgoing | None:
         room = room or self.current
         if room is None or room not in self.rooms:
             self._problem("not_member", "join a room first: /join ROOM")
             return None
-        item = self.outbox.add(room, body)
+        item = self.outbox.add(room, body, kind, target)
         if self.rooms[room].phase == LIVE:
             self._send_item(item)
         elif not self.online:
@@ -287,7 +383,7 @@ class Session:
         self._request("history", "older", room, before=state.oldest, limit=limit)
 
     def _send_item(self, item: Outgoing) -> None:
-        ref = self._request("send", "send", item.room, body=item.body)
+        ref = self._request(item.kind, "send", item.room, **item.fields())
         self.outbox.mark_sent(item, ref)
 
     # frames from the server
@@ -304,7 +400,7 @@ class Session:
         if kind == "message":
             self._on_message(frame)
         elif kind == "joined" and purpose == "join":
-            self._on_joined(room, frame.get("last_id"))
+            self._on_joined(room, frame)
         elif kind == "history" and purpose in ("backlog", "catchup", "older"):
             self._on_history(purpose, room, frame)
         elif kind == "ack":
@@ -315,6 +411,12 @@ class Session:
             self._notice(f"left {frame.get('room')}")
         elif kind == "kicked":
             self._on_kicked(frame)
+        elif kind == "read":
+            self._on_read(frame)
+        elif kind == "typing":
+            self._on_typing(frame)
+        elif kind == "error" and purpose == "read":
+            self._on_read_error(room, frame)
         elif kind == "error":
             self._on_error(purpose, room, ref, frame)
 
@@ -331,13 +433,21 @@ class Session:
         elif state.phase != OFFLINE:
             state.held.append(message)
 
-    def _on_joined(self, room: str | None, last_id: Any) -> None:
+    def _on_joined(self, room: str | None, frame: dict[str, Any]) -> None:
         state = self.rooms.get(room or "")
         if state is None:
             return  # left again before the join was answered
-        if not isinstance(last_id, int):
-            last_id = None
+        last_id = int_field(frame.get("last_id"))
+        # What the server says it has only grows, so the highest heard is kept; what
+        # was sent on the last connection may have been lost with it: sent again.
+        last_read = int_field(frame.get("last_read"))
+        if last_read is not None:
+            state.read = last_read if state.read is None else max(state.read, last_read)
+        state.read_sent = None
         self._notice(f"joined {state.name}")
+        unread = int_field(frame.get("unread"))
+        if unread is not None and unread > 0:
+            self._notice(f"[{state.name}] {unread} unread")
         if state.cursor is None:
             # First join: everything up to last_id is the past, shown as a backlog
             # and reachable with /history; only what is newer must not be missed.
@@ -361,7 +471,7 @@ class Session:
         except (KeyError, TypeError):
             messages = []
         for message in messages:
-            self._deliver(state, message, stream=purpose == "catchup")
+            self._deliver(state, message, purpose == "catchup", purpose == "older")
         if purpose == "older":
             if not frame.get("more"):
                 self._notice(f"no older messages in {state.name}")
@@ -383,14 +493,84 @@ class Session:
             limit, state.older = state.older, 0
             self._request("history", "older", state.name, before=state.oldest, limit=limit)
 
-    def _deliver(self, state: RoomState, message: Message, stream: bool = True) -> None:
+    def _deliver(
+        self, state: RoomState, message: Message, stream: bool = True, scroll: bool = False
+    ) -> None:
         if not state.accept(message, stream):
             return
         self._events.append(message)
+        if not scroll:
+            state.newest = message.id if state.newest is None else max(state.newest, message.id)
         if self.user is not None and message.user == self.user:
-            item = self.outbox.match(message.room, message.body)
+            item = self.outbox.match(message)
             if item is not None:
                 self._events.append(Acked(item.local, message.room, message.id))
+
+    def _on_read(self, frame: dict[str, Any]) -> None:
+        """Our marker, moved by us or by another connection of our user: kept (the
+        highest), so that what another device has read is not marked again."""
+        room = frame.get("room")
+        state = self.rooms.get(room) if isinstance(room, str) else None
+        marker = int_field(frame.get("id"))
+        if state is not None and marker is not None:
+            state.read = marker if state.read is None else max(state.read, marker)
+
+    def _on_read_error(self, room: str | None, frame: dict[str, Any]) -> None:
+        """Markers are housekeeping the user did not ask for: no error line. A store
+        that is down (or a server that is busy) gets the marker again later."""
+        state = self.rooms.get(room or "")
+        if state is not None and frame.get("code") in READ_RETRY_CODES:
+            state.read_sent = None
+
+    def _on_typing(self, frame: dict[str, Any]) -> None:
+        room, user = frame.get("room"), frame.get("user")
+        if not isinstance(room, str) or room not in self.rooms:
+            return
+        if not isinstance(user, str) or not is_valid_name(user):
+            return
+        if user == self.user:
+            return  # the server leaves these out; this is for one that comes anyway
+        if self.typing_shown.allow((room, user), self.clock()):
+            self._notice(f"[{room}] {user} is typing")
+
+    # read markers, on the driver's schedule
+
+    def _read_due(self, state: RoomState) -> float | None:
+        if not self.mark_read or state.phase in (OFFLINE, JOINING) or not state.unmarked():
+            return None
+        return 0.0 if state.read_at is None else state.read_at + self.read_interval
+
+    def read_delay(self) -> float | None:
+        """Seconds until ``send_reads`` has a marker to send (0: now), or None while
+        every room's marker is up to date. The driver sets its timer by this, as it
+        does by ``Backoff.next_delay``."""
+        dues = [d for d in map(self._read_due, self.rooms.values()) if d is not None]
+        if not dues:
+            return None
+        now = self.clock()
+        # A due time in the future beyond the interval means the clock went back.
+        return max(0.0, min(min(dues) - now, self.read_interval))
+
+    def send_reads(self, limit: int | None = None, force: bool = False) -> int:
+        """Queue a ``read`` with the newest id shown for each room that is due, at most
+        ``limit`` of them (the rooms waiting longest first; the rest stay due).
+        ``force``: regardless of the interval (the program is ending). Returns how
+        many were queued; ``drain`` gives them."""
+        now = self.clock()
+        due = []
+        for state in self.rooms.values():
+            at = self._read_due(state)
+            # (now < read_at: the clock went back, which must not hold markers up.)
+            if at is not None and (force or at <= now or now < (state.read_at or 0)):
+                due.append((at, state))
+        due.sort(key=lambda d: d[0])
+        if limit is not None:
+            due = due[: max(0, limit)]
+        for _, state in due:
+            state.read_sent = state.newest
+            state.read_at = now
+            self._request("read", "read", state.name, id=state.newest)
+        return len(due)
 
     def _on_kicked(self, frame: dict[str, Any]) -> None:
         room = frame.get("room")
@@ -419,12 +599,9 @@ class Session:
             self._events.append(Resync(f"catch-up of {room}: {code}"))
         elif purpose == "send":
             item = self.outbox.answered(ref)
-            sent = f" (not sent: {excerpt(item.body)})" if item is not None else ""
+            if item is not None and item.kind == DELETE and item.retried and code == "not_found":
+                return  # the first copy went through before the drop: the message is gone
+            sent = f" (not sent: {item.summary()})" if item is not None else ""
             self._problem(code, f"{text}{sent}")
         else:
             self._problem(code, text)
-
-
-def excerpt(body: str, width: int = 60) -> str:
-    """Enough of a body to recognise it in an error line."""
-    return body if len(body) <= width else body[: width - 3] + "..."

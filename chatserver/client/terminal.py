@@ -3,19 +3,29 @@
     chatserver-client ws://localhost:8080/ws --user alice --room lobby [--room ops]
 
 Lines typed on stdin go to the current room; messages print as
-``[room] #id user: body``; ``/join``, ``/leave``, ``/history [N]``, ``/quit``.
-``--send TEXT`` posts one message, prints its id once acked and exits.
+``[room] #id user: body``, edits and deletes (protocol 1.1 events) as
+``[room] #id user edited #target: body`` and ``[room] #id user deleted #target``;
+``/join``, ``/leave``, ``/history [N]``, ``/edit ID TEXT``, ``/delete ID``,
+``/quit``. ``--send TEXT`` posts one message, prints its id once acked and exits.
 
 ``Client`` drives the sans-IO ``Session`` with a ``Link`` (the WebSocket): it
 feeds the session what arrives, sends what it asks, reconnects with its
-``Backoff`` when the connection drops, and prints its events; ``Keyboard``
-reads stdin. Importing this module installs no reactor.
+``Backoff`` when the connection drops, sends the session's read markers when
+it says they are due (within the pacing's spare room), and prints its events;
+``Keyboard`` reads stdin. Importing this module installs no reactor.
+
+Status lines start with ``*`` on stdout: among them ``* [room] N unread`` on
+joining a room with messages from others past the user's read marker, and
+``* [room] bob is typing`` (at most once per user and room per few seconds).
+The client itself never sends ``typing``: the terminal hands it whole lines,
+and by then the line is sent, so there is no moment at which it is "typing".
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 import unicodedata
 from collections.abc import Callable
@@ -35,15 +45,28 @@ from zope.interface import implementer
 from chatserver.client.connection import Link, close_verdict, log, with_credentials
 from chatserver.client.events import Acked, Event, Message, Notice, Problem, Resync
 from chatserver.client.outbox import Outgoing
-from chatserver.client.session import DEFAULT_BACKLOG, DEFAULT_OLDER, Backoff, Session, excerpt
-from chatserver.wire import HISTORY_LIMIT_MAX, is_valid_name
+from chatserver.client.session import (
+    DEFAULT_BACKLOG,
+    DEFAULT_OLDER,
+    READ_INTERVAL,
+    Backoff,
+    Session,
+)
+from chatserver.wire import HISTORY_LIMIT_MAX, MAX_ID, is_valid_name
 
 QUIT_GRACE = 5.0  # seconds /quit waits for acks of messages already sent
+# Frames of the pacing's burst that read markers leave to what the user sends.
+READ_RESERVE = 4
 
 HELP = (
-    "commands: /join ROOM, /leave [ROOM], /history [N], /rooms, /quit;"
-    " other lines are sent to the current room (start with // to send a line beginning with /)"
+    "commands: /join ROOM, /leave [ROOM], /history [N], /edit ID TEXT, /delete ID, /rooms,"
+    " /quit; other lines are sent to the current room (start with // to send a line"
+    " beginning with /)"
 )
+USAGE = {
+    "edit": "/edit ID TEXT: replace the text of your message #ID in the current room",
+    "delete": "/delete ID: delete your message #ID in the current room",
+}
 
 
 def parse_line(line: str) -> tuple[str, str]:
@@ -74,9 +97,28 @@ def printable(text: str) -> str:
     )
 
 
+def message_id(text: str) -> int | None:
+    """A message id as typed (``12`` or ``#12``, as printed), or None. ASCII digits
+    only: ``int`` would also take ``+12``, ``1_2`` or other scripts' digits."""
+    found = re.fullmatch(r"#?([0-9]+)", text)
+    if found is None:
+        return None
+    value = int(found.group(1))
+    return value if 1 <= value <= MAX_ID else None
+
+
 def format_message(message: Message) -> str:
-    """A message as the line the user sees (and tests and scripts parse)."""
-    return f"[{message.room}] #{message.id} {message.user}: {printable(message.body)}"
+    """A message or event as the line the user sees (and tests and scripts parse).
+    An edit's body is empty only once its message was deleted (erased with it)."""
+    head = f"[{message.room}] #{message.id} {message.user}"
+    if message.deletes is not None:
+        return f"{head} deleted #{message.deletes}"
+    if message.edits is not None:
+        return f"{head} edited #{message.edits}: {printable(message.body) or '(deleted)'}"
+    if message.deleted:
+        return f"{head}: (deleted)"
+    suffix = " (edited)" if message.edited is not None else ""
+    return f"{head}: {printable(message.body)}{suffix}"
 
 
 class Client:
@@ -108,6 +150,7 @@ class Client:
         self._closing = False
         self._retry_call: Any = None
         self._quit_call: Any = None
+        self._read_call: Any = None
         self._script_item: Outgoing | None = None
         self._resumed = False
 
@@ -175,6 +218,28 @@ class Client:
         self._show(events)
         if self.quitting and not self._closing and not self.session.outbox.items:
             self._close()
+        else:
+            self._schedule_reads()
+
+    def _schedule_reads(self, at_least: float = 0.0) -> None:
+        """One timer for every room's read marker, set by the session's ``read_delay``;
+        a timer already set stays (it is at most ``READ_INTERVAL`` away)."""
+        if self._closing or (self._read_call is not None and self._read_call.active()):
+            return
+        delay = self.session.read_delay()
+        if delay is not None and self.link.is_open:
+            self._read_call = self.reactor.callLater(max(delay, at_least), self._send_reads)
+
+    def _send_reads(self) -> None:
+        """The due markers, as many as the pacing has room for now; the others wait a
+        full interval, by which the bucket has refilled (no spinning on an empty one)."""
+        self._read_call = None
+        budget = self.link.spare() - READ_RESERVE
+        if budget > 0:
+            self.session.send_reads(budget)
+        if self.session.read_delay() == 0:  # some did not fit
+            self._schedule_reads(at_least=READ_INTERVAL)
+        self._flush()  # sends them, and sets the timer for the next ones
 
     # showing
 
@@ -209,6 +274,8 @@ class Client:
             self.session.join(arg)
         elif command == "leave":
             self.session.leave(arg or None)
+        elif command in USAGE:
+            self._change(command, arg)
         elif command == "history":
             limit = int(arg) if arg.isdigit() else DEFAULT_OLDER
             self.session.older(max(1, min(HISTORY_LIMIT_MAX, limit)))
@@ -224,6 +291,17 @@ class Client:
             self._show([Problem("usage", HELP)])
         self._flush()
 
+    def _change(self, command: str, arg: str) -> None:
+        """``/edit ID TEXT`` or ``/delete ID``; a malformed one is not sent at all."""
+        words = arg.split(None, 1)
+        target = message_id(words[0]) if words else None
+        if target is None or len(words) != (2 if command == "edit" else 1):
+            self._show([Problem("usage", USAGE[command])])
+        elif command == "edit":
+            self.session.edit(target, words[1])
+        else:
+            self.session.delete(target)
+
     def quit(self) -> None:
         """Leave once every message written is acked, or after QUIT_GRACE seconds; so
         ``printf 'hi\\n' | chatserver-client ...`` posts its lines before it exits,
@@ -231,15 +309,17 @@ class Client:
         if self.quitting:
             return
         self.quitting = True
-        if not self.session.outbox.items:
-            self._close()
-        else:
+        if self.link.is_open:
+            # What was printed in the last interval is marked read before leaving.
+            self.session.send_reads(max(0, self.link.spare()), force=True)
+        if self.session.outbox.items:
             self._quit_call = self.reactor.callLater(QUIT_GRACE, self._give_up)
+        self._flush()  # sends those; closes now unless a message waits for its ack
 
     def _give_up(self) -> None:
         self._quit_call = None
         for item in self.session.outbox.items:
-            self.write_err(f"! not sent: {excerpt(item.body)}")
+            self.write_err(f"! not sent: {item.summary()}")
         self.exit_code = 1
         self._close()
 
@@ -261,7 +341,7 @@ class Client:
         if self.exit_code is None or self.exit_code == 0:
             self.exit_code = code
         self.link.stop()
-        for call in (self._retry_call, self._quit_call):
+        for call in (self._retry_call, self._quit_call, self._read_call):
             if call is not None and call.active():
                 call.cancel()
         if self.reactor.running:
@@ -306,7 +386,7 @@ class Keyboard(LineReceiver):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="chatserver-client",
-        description="Terminal chat client for chatserver (protocol v1). Lines on stdin go"
+        description="Terminal chat client for chatserver (protocol 1.1). Lines on stdin go"
         " to the current room; " + HELP + ".",
     )
     parser.add_argument("url", help="WebSocket URL, e.g. ws://localhost:8080/ws")
@@ -383,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         user,
         args.room[:1] if script is not None else args.room,
         backlog=0 if script is not None else args.backlog,
+        clock=reactor.seconds,
+        mark_read=script is None,  # --send prints no messages, so reads none
     )
 
     def write_err(text: str) -> None:
