@@ -15,6 +15,7 @@ that the answer can't tell a guesser whether a guess was right.
     POST   /admin/rooms/ROOM/kick            {"user"}
     POST   /admin/rooms/ROOM/messages        {"body", "user": "system"}
     DELETE /admin/rooms/ROOM/messages/ID     ?user=NAME (the delete event's user, "system")
+    GET    /admin/rooms/ROOM/presence        who is online, on every instance
     POST   /admin/bans                       {"user", "room": optional, absent = everywhere}
     DELETE /admin/bans/USER                  ?room=ROOM (absent = the global ban)
 """
@@ -276,6 +277,14 @@ class AdminAPI(Resource):
                 return {"room": room, "user": user, "kicked": True}
             case ("POST", ["rooms", room, "messages"]):
                 return await self._post_message(_name(room, "room"), self._json(request))
+            case ("GET", ["rooms", room, "presence"]):
+                room = _name(room, "room")
+                try:
+                    names, count = await self._chat.online_in(room)
+                except Exception:
+                    log.failure("admin API: reading presence failed")
+                    raise HTTPError(503, "presence is unavailable; try again") from None
+                return {"room": room, "online": names, "online_count": count}
             case ("DELETE", ["rooms", room, "messages", target]):
                 return await self._delete_message(_name(room, "room"), target, request)
             case ("POST", ["bans"]):

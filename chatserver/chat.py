@@ -27,6 +27,8 @@ from chatserver.auth import Identity
 from chatserver.broker import Broker
 from chatserver.config import Config
 from chatserver.delivery import Delivery
+from chatserver.presence.memory import MemoryPresence
+from chatserver.presence.tracker import PresenceTracker
 from chatserver.rooms import RoomRegistry
 from chatserver.session import Session, Transport
 from chatserver.store import (
@@ -65,6 +67,19 @@ class AccessDenied(Exception):
     """A join the access rules refuse; answered with ``forbidden``."""
 
 
+class _Joined:
+    """What a join's answer carries, gathered before it is sent."""
+
+    __slots__ = ("access", "last_id", "online")
+
+    def __init__(
+        self, last_id: int | None, access: Access, online: tuple[list[str], int] | None
+    ) -> None:
+        self.last_id = last_id
+        self.access = access
+        self.online = online  # (names, count) when the join asked for presence
+
+
 class Chat:
     log = Logger()
 
@@ -76,6 +91,7 @@ class Chat:
         broker: Broker,
         delivery: Delivery,
         clock: IReactorTime,
+        presence: PresenceTracker | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -84,6 +100,14 @@ class Chat:
         self._clock = clock
         self.registry = registry
         self.admission = Admission(config, store)
+        self.presence = presence or PresenceTracker(
+            MemoryPresence({}),
+            registry,
+            delivery,
+            clock,
+            config.presence_list_max,
+            config.presence_burst,
+        )
         # Every session's history bucket starts full: this one float, shared.
         self._history_full = float(config.history_burst_bytes)
         # Sessions from the start of their handshake's ban check until the connection
@@ -161,11 +185,11 @@ class Chat:
     def close(self, session: Session) -> None:
         """The connection ended (or its handshake failed): leave every room, uncount it."""
         session.detach()
-        rooms = list(session.rooms)
+        rooms = list(session.rooms.items())
         session.rooms.clear()
         if session.transport is not None:
-            for room in rooms:
-                self.registry.leave(session.transport, room)
+            for room, joining in rooms:
+                self._out_of(session, room, joined=joining is None)
         self._unregister(session)
         if session.counted:
             session.counted = False
@@ -272,6 +296,8 @@ class Chat:
             self._membership(session, frame.room, frame.ref, self._read, frame)
         elif isinstance(frame, wire.Typing):
             self._membership(session, frame.room, frame.ref, self._typing_frame, frame)
+        elif isinstance(frame, wire.PresenceQuery):
+            self._membership(session, frame.room, frame.ref, self._presence_query, frame)
         elif isinstance(frame, wire.History):
             self._membership(session, frame.room, frame.ref, self._history, frame)
         elif isinstance(frame, wire.Join):
@@ -395,8 +421,8 @@ class Chat:
         """Out of ``room``, joined or joining (a join under way then ends not_member)."""
         if session.open and room in session.rooms:
             self.kicks += 1
-            del session.rooms[room]
-            self.registry.leave(session.transport, room)
+            joined = session.rooms.pop(room) is None
+            self._out_of(session, room, joined)
             self._send_frame(
                 session, wire.encode({"type": "kicked", "room": room, "reason": reason})
             )
@@ -436,7 +462,7 @@ class Chat:
                 # Joined already: nothing changes, but the answer is as fresh as a
                 # first join's, read state included.
                 d = self._store.access(room, session.user, self._config.unread_max)
-                d.addCallback(lambda access: (self._last_id(room), access))
+                d.addCallback(self._joined_again, room, frame.presence)
                 d.addBoth(self._joined, session, frame)
             else:
                 pending.addBoth(self._joined, session, frame)
@@ -449,12 +475,29 @@ class Chat:
             return
         d = self._store.access(room, session.user, self._config.unread_max)
         session.rooms[room] = d  # joining, before any callback (a store may answer at once)
-        d.addCallback(self._check_access, session, room)
+        d.addCallback(self._check_access, session, frame)
         d.addBoth(self._joined, session, frame)
 
+    def _joined_again(self, access: Access, room: str, presence: bool) -> Deferred[_Joined]:
+        online = self._online(room) if presence else succeed(None)
+        return online.addCallback(lambda names: _Joined(self._last_id(room), access, names))
+
+    def _online(self, room: str) -> Deferred[tuple[list[str], int] | None]:
+        """Who is online in ``room``, or None when the presence state can't say now."""
+
+        def unavailable(failure: Failure) -> None:
+            self.log.warn(
+                "presence of {room} unavailable: {error}",
+                room=room,
+                error=failure.getErrorMessage(),
+            )
+
+        return self.presence.online(room).addErrback(unavailable)
+
     def _check_access(
-        self, access: Access, session: Session, room: str
-    ) -> Deferred[tuple[int, Access]] | None:
+        self, access: Access, session: Session, frame: wire.Join
+    ) -> Deferred[_Joined] | None:
+        room = frame.room
         if access.banned:
             raise AccessDenied(f"you are banned from {room}")
         # The token's claim admits, unless the admin API removed the user since.
@@ -462,9 +505,20 @@ class Chat:
             raise AccessDenied(f"{room} is private")
         if room not in session.rooms or not session.open:
             return None  # left (or gone) meanwhile; _joined sorts it out
-        return self.registry.join(session.transport, room).addCallback(
-            lambda last_id: (last_id, access)
-        )
+        # Counted before the list is read, so the list includes the joiner; the
+        # list before the room's messages start, so joined precedes them.
+        self.presence.entered(room, session.user)
+        online = self._online(room) if frame.presence else succeed(None)
+
+        def member(names: tuple[list[str], int] | None) -> Deferred[_Joined]:
+            d = self.registry.join(session.transport, room)
+            return d.addCallback(lambda last_id: _Joined(last_id, access, names))
+
+        def failed(failure: Failure) -> Failure:
+            self.presence.left(room, session.user)
+            return failure
+
+        return online.addCallback(member).addErrback(failed)
 
     def _last_id(self, room: str) -> int | None:
         hosted = self.registry.rooms.get(room)
@@ -485,35 +539,64 @@ class Chat:
         if room not in session.rooms or not session.open:
             # Left (or gone) while the join was under way.
             self.registry.leave(session.transport, room)
+            if isinstance(result, _Joined):  # counted in presence already
+                self.presence.left(room, session.user)
             if session.open:
                 self._error(
                     session, wire.NOT_MEMBER, f"left {room} before the join completed", frame.ref
                 )
             return result
-        if session.rooms[room] is not None:
+        fresh = session.rooms[room] is not None
+        if fresh:
             session.rooms[room] = None
             self.joins += 1
-        last_id, access = result
-        self._send_frame(
-            session,
-            wire.reply(
-                "joined",
-                frame.ref,
-                room=room,
-                last_id=last_id or None,
-                last_read=access.last_read,
-                unread=access.unread,
-            ),
-        )
+        fields: dict[str, Any] = {
+            "room": room,
+            "last_id": result.last_id or None,
+            "last_read": result.access.last_read,
+            "unread": result.access.unread,
+        }
+        if frame.presence:
+            self.presence.watch(room, session.transport)
+            names, count = result.online if result.online is not None else (None, None)
+            fields["online"] = names
+            fields["online_count"] = count
+        self._send_frame(session, wire.reply("joined", frame.ref, **fields))
+        if frame.presence and fresh and result.online is not None:
+            # The list was read before this instance's subscription to the room
+            # may have started: an event published in between was missed. Read
+            # once more now that events flow, and send the list if it moved.
+            self._online(room).addCallback(self._recheck, session, room, result.online)
         return result
+
+    def _recheck(
+        self,
+        online: tuple[list[str], int] | None,
+        session: Session,
+        room: str,
+        sent: tuple[list[str], int],
+    ) -> None:
+        if online is None or online == sent or not session.open or room not in session.rooms:
+            return
+        names, count = online
+        frame = {"type": "presence", "room": room, "online": names, "online_count": count}
+        self._send_frame(session, wire.encode(frame))
 
     def _leave(self, session: Session, frame: wire.Leave) -> None:
         if frame.room not in session.rooms:
             self._error(session, wire.NOT_MEMBER, f"not in {frame.room}", frame.ref)
             return
-        del session.rooms[frame.room]
-        self.registry.leave(session.transport, frame.room)
+        joined = session.rooms.pop(frame.room) is None
+        self._out_of(session, frame.room, joined)
         self._send_frame(session, wire.reply("left", frame.ref, room=frame.room))
+
+    def _out_of(self, session: Session, room: str, joined: bool) -> None:
+        """``session`` is no longer in ``room``: no messages, and, if it had
+        joined, no longer counted (nor watching) there."""
+        self.registry.leave(session.transport, room)
+        if joined:
+            self.presence.unwatch(room, session.transport)
+            self.presence.left(room, session.user)
 
     def _send(self, session: Session, frame: wire.Send) -> None:
         self.sends += 1
@@ -580,6 +663,29 @@ class Chat:
             if session.open:
                 mine = ref if session is sender else None
                 self._send_frame(session, wire.reply("read", mine, room=room, id=marker))
+
+    def online_in(self, room: str) -> Deferred[tuple[list[str], int]]:
+        """Who is online in ``room`` (admin API); fails while presence is unavailable."""
+        return self.presence.online(room)
+
+    def _presence_query(self, session: Session, frame: wire.PresenceQuery) -> None:
+        def answer(online: tuple[list[str], int] | None) -> None:
+            if not session.open:
+                return
+            if online is None:
+                self._error(
+                    session, wire.UNAVAILABLE, "presence is unavailable; try again", frame.ref
+                )
+                return
+            names, count = online
+            self._send_frame(
+                session,
+                wire.reply(
+                    "presence", frame.ref, room=frame.room, online=names, online_count=count
+                ),
+            )
+
+        self._online(frame.room).addCallback(answer)
 
     def _typing_frame(self, session: Session, frame: wire.Typing) -> None:
         """Relayed at most once per ``typing_interval`` per user and room from this

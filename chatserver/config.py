@@ -196,6 +196,19 @@ class Config:
     unread_max: int = _setting(
         1000, "Most unread messages counted for 'joined' (the count stops there)."
     )
+    presence_list_max: int = _setting(
+        100,
+        "Most names in a presence list (joined's online, a presence answer); the count is exact.",
+    )
+    presence_timeout: float = _setting(
+        10.0,
+        "Seconds after which an instance that stopped answering has its users reported offline.",
+    )
+    presence_burst: int = _setting(
+        50,
+        "Presence events per room per second a watcher gets one by one; past it, one list"
+        " at the end of the second instead.",
+    )
     typing_interval: float = _setting(
         2.0, "Seconds between two typing relays of one user in one room; extras are dropped."
     )
@@ -240,6 +253,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "store_batch_max": (1, 100_000),
     "unread_max": (1, 1_000_000),
     "typing_interval": (0, 3600),
+    "presence_list_max": (0, 100_000),
+    "presence_timeout": (1, 3600),
+    "presence_burst": (1, 1_000_000),
     "gap_timeout": (0.001, 60),
     "redis_publishers": (1, 64),
     "jwt_leeway": (0, 3600),

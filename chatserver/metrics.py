@@ -64,6 +64,29 @@ class ServerCollector:
             "typing_dropped", "typing frames dropped by typing_interval.", chat.typing_dropped
         )
         yield _counter("read_markers", "Read markers moved forward.", chat.reads_stored)
+        presence = chat.presence
+        yield _gauge(
+            "presence_members",
+            "(room, user) pairs this instance holds online.",
+            presence.local_users,
+        )
+        yield _gauge(
+            "presence_watchers", "Connections following a room's presence.", presence.watchers
+        )
+        yield _counter("presence_events", "presence events written to watchers.", presence.events)
+        yield _counter(
+            "presence_lists",
+            "presence lists sent instead of a second's burst of events.",
+            presence.snapshots,
+        )
+        yield _counter(
+            "presence_commands",
+            "Commands sent to the presence state (Redis).",
+            presence.state.commands,
+        )
+        yield _counter(
+            "presence_failures", "Presence state commands that failed.", presence.failures
+        )
         yield _counter(
             "messages_delivered", "Message frames written to local members.", s.delivery.delivered
         )

@@ -63,6 +63,14 @@ def relay_payload(origin: bytes, user: str, frame: bytes) -> bytes:
     return b"%s %s %s %s" % (RELAY, origin, user.encode(), frame)
 
 
+# A presence event, for the room's watchers (not its members): no id either.
+ANNOUNCE = b"^"
+
+
+def _nobody_watches(room: str, frame: bytes) -> None:
+    pass
+
+
 def _no_sinks(user: str) -> Collection[Sink]:
     return ()
 
@@ -90,6 +98,8 @@ class RoomRegistry:
         self._origin = os.urandom(8).hex().encode()
         # The connections of a user here, whom a relay of theirs skips (set by the core).
         self.sinks_of: Callable[[str], Collection[Sink]] = _no_sinks
+        # Takes presence events to the room's watchers here (set by the presence tracker).
+        self.on_presence: Callable[[str, bytes], None] = _nobody_watches
 
     # -- membership -----------------------------------------------------------
 
@@ -181,6 +191,13 @@ class RoomRegistry:
         self._relay_here(room, user, frame)
         self._broker.publish(room, relay_payload(self._origin, user, frame))
 
+    def announce(self, room: str, frame: bytes, publish: bool = True) -> None:
+        """A presence event: to the watchers of ``room`` here and, with ``publish``,
+        on every instance that hosts it (whether or not this one does)."""
+        self.on_presence(room, frame)
+        if publish:
+            self._broker.publish(room, b"%s %s %s" % (ANNOUNCE, self._origin, frame))
+
     def _relay_here(self, name: str, user: str, frame: bytes) -> None:
         room = self.rooms.get(name)
         if room is None or not room.ready or not room.members:
@@ -193,6 +210,11 @@ class RoomRegistry:
                 self.relayed += 1
 
     def on_broker_message(self, room: str, payload: bytes) -> None:
+        if payload[:2] == ANNOUNCE + b" ":
+            origin, _, frame = payload[2:].partition(b" ")
+            if origin != self._origin and frame:
+                self.on_presence(room, frame)
+            return
         if payload[:2] == RELAY + b" ":
             try:
                 origin, user, frame = payload[2:].split(b" ", 2)

@@ -42,6 +42,9 @@ from chatserver.config import Config
 from chatserver.delivery import Delivery
 from chatserver.gcstats import GCPauses
 from chatserver.metrics import MetricsResource, registry
+from chatserver.presence import PresenceState
+from chatserver.presence.memory import MemoryPresence
+from chatserver.presence.tracker import PresenceTracker
 from chatserver.rooms import RoomRegistry
 from chatserver.store.open import open_store, prepare
 from chatserver.transport import CLOSE_GOING_AWAY
@@ -152,7 +155,17 @@ class ChatServerService(MultiService):
         self.registry = RoomRegistry(
             self.store, self.broker, self.delivery, reactor, config.gap_timeout
         )
-        self.chat = Chat(config, self.store, self.registry, self.broker, self.delivery, clock)
+        self.presence = PresenceTracker(
+            self._make_presence(),
+            self.registry,
+            self.delivery,
+            reactor,
+            config.presence_list_max,
+            config.presence_burst,
+        )
+        self.chat = Chat(
+            config, self.store, self.registry, self.broker, self.delivery, clock, self.presence
+        )
         self.factory = ChatFactory(config, clock, self.chat, self.fast_paths)
         self._metrics_registry = registry(self)
         self.whole = whole(self) if whole is not None else None
@@ -219,6 +232,19 @@ class ChatServerService(MultiService):
 
         return RedisBroker(self.config, self.reactor, self.fast_paths)
 
+    def _make_presence(self) -> PresenceState:
+        if isinstance(self.broker, MemoryBroker):
+            return MemoryPresence(self.broker.hub.presence)
+        if self.config.redis_cluster:
+            self.log.warn(
+                "presence with redis_cluster is per instance for now: online lists and"
+                " events cover this instance's users only"
+            )
+            return MemoryPresence({})
+        from chatserver.presence.redis import RedisPresence
+
+        return RedisPresence(self.broker, self.reactor, self.config.presence_timeout)
+
     @property
     def coalesced_frames(self) -> int:
         """Frames that left in one write with others: acks per connection, messages per room."""
@@ -258,12 +284,14 @@ class ChatServerService(MultiService):
         """The broker is back after an outage: catch up on messages, then on bans."""
         self.registry.resync()
         Deferred.fromCoroutine(self.chat.recheck_bans())
+        self.presence.rebuild()
 
     def _start_broker(self) -> None:
         if not self._broker_started:
             self._broker_started = True
             self.store.start(self.chat.on_commit)
             self.broker.start(self.registry.on_broker_messages, self._resync, self.chat.on_control)
+            self.presence.start()
 
     def privilegedStartService(self) -> None:
         self._start_broker()
@@ -313,6 +341,8 @@ class ChatServerService(MultiService):
         # Store what is queued while the broker is still up, so other instances
         # get those messages live too; then close the broker, then the pool.
         await self.store.flush()
+        # Goodbye: this instance's users leave presence now, not after the timeout.
+        await self.presence.stop()
         await self.broker.stop()
         try:
             await self.store.close()

@@ -18,6 +18,8 @@ class MemoryHub:
         self.clock = clock
         self.subscribers: dict[str, set[MemoryBroker]] = {}
         self.brokers: set[MemoryBroker] = set()
+        # The presence state of the instances on this hub (chatserver.presence.memory).
+        self.presence: dict[str, dict[str, int]] = {}
 
     def numsub(self, room: str) -> int:
         return len(self.subscribers.get(room, ()))
@@ -33,6 +35,10 @@ class MemoryBroker:
         self.received = 0
 
     connected = True  # nothing to lose: the hub is in this process
+
+    @property
+    def hub(self) -> MemoryHub:
+        return self._hub
 
     def start(
         self, on_messages: MessagesHandler, on_resync: ResyncHandler, on_control: ControlHandler

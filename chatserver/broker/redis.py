@@ -319,6 +319,16 @@ class RedisBroker(BrokerEvents):
                 return conn
         return None
 
+    def command(self, *args: Any) -> Deferred[Any]:
+        """A command on the first live publisher connection: one connection, so the
+        commands of one caller are run in the order they were sent. Fails at once
+        with ``ConnectionError`` while Redis is away."""
+        pool = self._pub_factory.live if self._pub_factory else []
+        for conn in pool:
+            if conn.connected:
+                return conn.execute_command(*args)
+        raise txredisapi.ConnectionError("no live Redis connection")
+
     def publish(self, room: str, payload: bytes) -> None:
         self._publish(self.channel(room), payload)
 

@@ -1,0 +1,234 @@
+"""This instance's side of presence: its connections per room and user, who
+watches, and the ``presence`` events they get.
+
+A user's connections here are counted per room; only the first entering and
+the last leaving reach the shared state (``PresenceState``), so a join or
+leave costs at most one state command, whatever the room's size. When the
+state says a user came online or went offline anywhere, the event goes to the
+room's watchers on every instance over the room's channel (``RoomRegistry.
+announce``), with no id: never stored.
+
+A burst (a room of thousands joining at once) would send each watcher an
+event per user. Past ``presence_burst`` events in a room within a second,
+watchers here get no more single events that second; at its end they get one
+``presence`` frame with the room's list and count instead, read from the
+state then, so every list converges exactly without a storm.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatserver import wire
+from chatserver.delivery import Delivery, Sink
+from chatserver.presence import PresenceState
+from chatserver.rooms import RoomRegistry
+
+WINDOW = 1.0  # seconds over which presence_burst counts a room's events
+WINDOWS_TRACKED_MAX = 10_000
+REBUILD_RETRY = 1.0  # seconds before a failed rebuild is tried again
+
+
+class _Window:
+    __slots__ = ("count", "flush", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.count = 0
+        self.flush: IDelayedCall | None = None
+
+
+class PresenceTracker:
+    log = Logger()
+
+    def __init__(
+        self,
+        state: PresenceState,
+        registry: RoomRegistry,
+        delivery: Delivery,
+        clock: IReactorTime,
+        list_max: int,
+        burst: int,
+    ) -> None:
+        self.state = state
+        self._registry = registry
+        self._delivery = delivery
+        self._clock = clock
+        self._list_max = list_max
+        self._burst = burst
+        self._local: dict[str, dict[str, int]] = {}  # room -> user -> connections here
+        self._watchers: dict[str, set[Sink]] = {}
+        self._windows: dict[str, _Window] = {}
+        registry.on_presence = self.on_event
+        self.events = 0  # presence events written to watchers here
+        self.snapshots = 0  # lists sent instead of a burst's events
+        self.failures = 0  # state commands that failed (a rebuild follows the outage)
+        self.rebuilds = 0
+        self._rebuild_waiters: list[Deferred[None]] = []
+        self._retry: IDelayedCall | None = None
+
+    # -- what the core tells it ---------------------------------------------------
+
+    def start(self) -> None:
+        self.state.start(self._changed, self.rebuild)
+
+    def stop(self) -> Deferred[None]:
+        """Timers off; this instance's users leave the state at once (goodbye)."""
+        for call in [self._retry, *(w.flush for w in self._windows.values())]:
+            if call is not None and call.active():
+                call.cancel()
+        self._windows.clear()
+        return self.state.stop()
+
+    def entered(self, room: str, user: str) -> Deferred[None]:
+        """A connection of ``user`` joined ``room`` here (sent before any ``online``
+        asked after it, so that answer includes them)."""
+        users = self._local.setdefault(room, {})
+        users[user] = users.get(user, 0) + 1
+        if users[user] > 1:
+            return succeed(None)
+        d = self.state.enter(room, user)
+        return d.addCallbacks(self._first_in, self._failed, (room, user))
+
+    def _first_in(self, result: tuple[bool, bool], room: str, user: str) -> None:
+        became, watched = result
+        if became:
+            self.announce(room, user, True, publish=watched)
+
+    def left(self, room: str, user: str) -> None:
+        users = self._local.get(room)
+        if users is None or user not in users:
+            return
+        users[user] -= 1
+        if users[user] > 0:
+            return
+        del users[user]
+        if not users:
+            del self._local[room]
+        d = self.state.leave(room, user)
+        d.addCallbacks(self._last_out, self._failed, (room, user))
+
+    def _last_out(self, result: tuple[bool, bool], room: str, user: str) -> None:
+        gone, watched = result
+        if gone:
+            self.announce(room, user, False, publish=watched)
+
+    def _failed(self, failure: Failure, *_: object) -> None:
+        self.failures += 1
+        self.log.debug("presence state: {error}", error=failure.getErrorMessage())
+
+    def watch(self, room: str, sink: Sink) -> None:
+        watchers = self._watchers.get(room)
+        if watchers is None:
+            watchers = self._watchers[room] = set()
+            self.state.watch(room).addErrback(self._failed)
+        watchers.add(sink)
+
+    def unwatch(self, room: str, sink: Sink) -> None:
+        watchers = self._watchers.get(room)
+        if watchers is not None and sink in watchers:
+            watchers.discard(sink)
+            if not watchers:
+                del self._watchers[room]
+                self.state.unwatch(room).addErrback(self._failed)
+
+    def online(self, room: str) -> Deferred[tuple[list[str], int]]:
+        return self.state.online(room, self._list_max)
+
+    def rebuild(self) -> Deferred[None]:
+        """The broker is back after an outage: our part of the state is made true again."""
+        held = {(room, user) for room, users in self._local.items() for user in users}
+        d = self.state.rebuild(held, set(self._watchers))
+        return d.addCallbacks(self._rebuilt, self._rebuild_failed, (len(held),))
+
+    def _rebuild_failed(self, failure: Failure) -> None:
+        """Redis came back for the subscriber before the publishers: try again soon."""
+        self._failed(failure)
+        if self._retry is None or not self._retry.active():
+            self._retry = self._clock.callLater(REBUILD_RETRY, self.rebuild)
+
+    def _rebuilt(self, _: object, held: int) -> None:
+        self.rebuilds += 1
+        self.log.info("presence: state rebuilt, {held} users held here", held=held)
+        waiters, self._rebuild_waiters = self._rebuild_waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    def when_rebuilt(self) -> Deferred[None]:
+        """Fires after the next rebuild (tests: the state is whole again)."""
+        d: Deferred[None] = Deferred()
+        self._rebuild_waiters.append(d)
+        return d
+
+    def _changed(self, changes: list[tuple[str, str, bool]]) -> None:
+        for room, user, online in changes:
+            self.announce(room, user, online)
+
+    # -- events ---------------------------------------------------------------------
+
+    def announce(self, room: str, user: str, online: bool, publish: bool = True) -> None:
+        """To the room's watchers here, and (``publish``: some instance watches it)
+        on every instance hosting it."""
+        frame = wire.encode({"type": "presence", "room": room, "user": user, "online": online})
+        self._registry.announce(room, frame, publish)
+
+    def on_event(self, room: str, frame: bytes) -> None:
+        """A presence event for ``room``, from here or another instance."""
+        watchers = self._watchers.get(room)
+        if not watchers:
+            return
+        now = self._clock.seconds()
+        window = self._windows.get(room)
+        if window is None or now - window.start >= WINDOW:
+            if window is None and len(self._windows) >= WINDOWS_TRACKED_MAX:
+                self._forget_windows(now)
+            window = self._windows[room] = _Window(now)
+        window.count += 1
+        if window.count <= self._burst:
+            data = wire.text_frame(frame)
+            for sink in watchers:
+                self._delivery.to_connection(sink, data)
+            self.events += len(watchers)
+            return
+        if window.flush is None:
+            delay = max(0.0, window.start + WINDOW - now)
+            window.flush = self._clock.callLater(delay, self._send_list, room, window)
+
+    def _forget_windows(self, now: float) -> None:
+        self._windows = {
+            room: w
+            for room, w in self._windows.items()
+            if w.flush is not None or now - w.start < WINDOW
+        }
+
+    def _send_list(self, room: str, window: _Window) -> None:
+        if self._windows.get(room) is window:
+            del self._windows[room]
+        self.online(room).addCallbacks(self._list_read, self._failed, (room,))
+
+    def _list_read(self, result: tuple[list[str], int], room: str) -> None:
+        watchers = self._watchers.get(room)
+        if not watchers:
+            return
+        names, count = result
+        frame = wire.text_frame(
+            wire.encode({"type": "presence", "room": room, "online": names, "online_count": count})
+        )
+        with self._delivery.batch():
+            for sink in watchers:
+                self._delivery.to_connection(sink, frame)
+        self.snapshots += 1
+
+    # -- metrics --------------------------------------------------------------------
+
+    @property
+    def local_users(self) -> int:
+        """(room, user) pairs this instance holds in the state."""
+        return sum(len(users) for users in self._local.values())
+
+    @property
+    def watchers(self) -> int:
+        return sum(len(w) for w in self._watchers.values())
