@@ -566,21 +566,8 @@ class Chat:
             # The list was read before this instance's subscription to the room
             # may have started: an event published in between was missed. Read
             # once more now that events flow, and send the list if it moved.
-            self._online(room).addCallback(self._recheck, session, room, result.online)
+            self.presence.read_list(room, session.transport, unless=result.online)
         return result
-
-    def _recheck(
-        self,
-        online: tuple[list[str], int] | None,
-        session: Session,
-        room: str,
-        sent: tuple[list[str], int],
-    ) -> None:
-        if online is None or online == sent or not session.open or room not in session.rooms:
-            return
-        names, count = online
-        frame = {"type": "presence", "room": room, "online": names, "online_count": count}
-        self._send_frame(session, wire.encode(frame))
 
     def _leave(self, session: Session, frame: wire.Leave) -> None:
         if frame.room not in session.rooms:

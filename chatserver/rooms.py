@@ -196,7 +196,7 @@ class RoomRegistry:
         on every instance that hosts it (whether or not this one does)."""
         self.on_presence(room, frame)
         if publish:
-            self._broker.publish(room, b"%s %s %s" % (ANNOUNCE, self._origin, frame))
+            self._broker.publish_in_order(room, b"%s %s %s" % (ANNOUNCE, self._origin, frame))
 
     def _relay_here(self, name: str, user: str, frame: bytes) -> None:
         room = self.rooms.get(name)

@@ -64,7 +64,7 @@ def test_first_join_shows_the_backlog_then_what_came_meanwhile_in_order():
     s = Session("alice", ["r"], backlog=3)
     s.connected()
     (join,), _ = s.drain()
-    assert join == {"type": "join", "room": "r", "ref": join["ref"]}
+    assert join == {"type": "join", "room": "r", "presence": True, "ref": join["ref"]}
     answer(s, join, "joined", room="r", last_id=5)
     (backlog,), events = s.drain()
     assert backlog == {"type": "history", "room": "r", "limit": 3, "ref": backlog["ref"]}
@@ -912,6 +912,227 @@ def test_the_typing_throttle_forgets_keys_past_their_interval():
     assert not throttle.allow(("r", "u99"), 100.0)
 
 
+# --- presence (protocol 1.1) ------------------------------------------------------
+
+
+def presence(room: str, user: str, online: bool) -> dict:
+    return {"type": "presence", "room": room, "user": user, "online": online}
+
+
+def present_session(*rooms: str, online=("alice", "bob")) -> Session:
+    """A live session whose joins said ``online`` is who is online in each room."""
+    s = Session("alice", rooms, backlog=0)
+    s.connected()
+    for f in s.drain()[0]:
+        answer(
+            s,
+            f,
+            "joined",
+            room=f["room"],
+            last_id=None,
+            online=list(online),
+            online_count=len(online),
+        )
+    s.drain()
+    return s
+
+
+def test_every_join_asks_for_presence_and_says_how_many_are_online():
+    s = Session("alice", ["r", "s", "t"], backlog=0)
+    s.connected()
+    joins, _ = s.drain()
+    assert [f["presence"] for f in joins] == [True, True, True]
+    r, rs, t = joins
+    answer(
+        s, r, "joined", room="r", last_id=None, unread=2, online=["bob", "alice"], online_count=2
+    )
+    answer(s, rs, "joined", room="s", last_id=None, online=None, online_count=None)
+    answer(s, t, "joined", room="t", last_id=None)  # a server without presence
+    assert s.drain() == (
+        [],
+        [
+            Notice("joined r"),
+            Notice("[r] 2 unread"),
+            Notice("[r] 2 online"),
+            Notice("joined s"),  # its presence state unavailable: nothing said
+            Notice("joined t"),
+        ],
+    )
+    assert (s.rooms["r"].online, s.rooms["r"].online_count) == ({"alice", "bob"}, 2)
+    assert (s.rooms["s"].online, s.rooms["t"].online_count) == (None, None)
+    s.join("u")
+    (join,), _ = s.drain()
+    assert join == {"type": "join", "room": "u", "presence": True, "ref": join["ref"]}
+    # After a reconnect too; what was known is forgotten until the rejoin says.
+    s.disconnected()
+    assert s.rooms["r"].online is None and s.rooms["r"].online_count is None
+    s.connected()
+    joins, _ = s.drain()
+    assert [(f["room"], f["presence"]) for f in joins] == [(room, True) for room in "rstu"]
+    answer(s, joins[0], "joined", room="r", last_id=None, online=["alice"], online_count=1)
+    assert s.drain()[1] == [Notice("joined r"), Notice("[r] 1 online")]
+    # A front end that shows nothing (--send) does not ask.
+    quiet = Session("alice", ["r"], presence=False)
+    quiet.connected()
+    (join,), _ = quiet.drain()
+    assert "presence" not in join
+
+
+def test_presence_changes_print_for_the_current_room_only_and_never_for_our_user():
+    s = present_session("r", "s")
+    assert s.current == "r"
+
+    def told(*frames: dict) -> list:
+        for frame in frames:
+            s.handle(frame)
+        sent, events = s.drain()
+        assert sent == []  # never answered
+        return events
+
+    assert told(presence("r", "carol", True)) == [Notice("[r] carol is online")]
+    assert told(presence("r", "carol", True)) == []  # known already: not twice
+    assert (s.rooms["r"].online, s.rooms["r"].online_count) == ({"alice", "bob", "carol"}, 3)
+    assert told(presence("r", "bob", False)) == [Notice("[r] bob went offline")]
+    assert told(presence("r", "dave", False)) == []  # not online as far as we know
+    assert s.rooms["r"].online_count == 2
+    # Another room: kept, not printed.
+    assert told(presence("s", "carol", True), presence("s", "bob", False)) == []
+    assert (s.rooms["s"].online, s.rooms["s"].online_count) == ({"alice", "carol"}, 2)
+    # Our own user: never printed, and we stay online where we are.
+    assert told(presence("r", "alice", False), presence("s", "alice", True)) == []
+    assert "alice" in s.rooms["r"].online and s.rooms["s"].online_count == 2
+    # Nonsense is ignored.
+    odd = [
+        presence("r", "bad name", True),
+        {"type": "presence", "room": "r", "online": True},
+        {"type": "presence", "room": "r", "user": 7, "online": False},
+        {"type": "presence", "room": "r", "user": "erin", "online": "yes"},
+        presence("elsewhere", "erin", True),
+        {"type": "presence", "room": ["r"], "user": "erin", "online": True},
+        {"type": "presence"},
+    ]
+    assert told(*odd) == []
+    assert s.rooms["r"].online == {"alice", "carol"}
+    s.join("s")  # now the current room
+    assert told(presence("s", "carol", False)) == [
+        Notice("now in s"),
+        Notice("[s] carol went offline"),
+    ]
+    assert told(presence("r", "carol", False)) == []
+
+
+def test_a_presence_list_replaces_what_was_known_without_a_word():
+    s = present_session("r")
+    burst = {
+        "type": "presence",
+        "room": "r",
+        "online": ["alice", "carol", "dave"],
+        "online_count": 3,
+    }
+    s.handle(burst)
+    assert s.drain() == ([], [])
+    assert (s.rooms["r"].online, s.rooms["r"].online_count) == ({"alice", "carol", "dave"}, 3)
+    s.handle(presence("r", "bob", False))  # gone by the list already
+    s.handle(presence("r", "carol", True))  # in it already
+    s.handle(presence("r", "dave", False))
+    assert s.drain()[1] == [Notice("[r] dave went offline")]
+    # A list cut short (presence_list_max): those not listed may still go offline.
+    s.handle(
+        {"type": "presence", "room": "r", "online": ["alice", "bad name", 3], "online_count": 5}
+    )
+    assert s.drain() == ([], [])
+    assert (s.rooms["r"].online, s.rooms["r"].online_count) == ({"alice"}, 5)
+    s.handle(presence("r", "erin", False))
+    s.handle(presence("r", "fred", True))
+    assert s.drain()[1] == [Notice("[r] erin went offline"), Notice("[r] fred is online")]
+    assert (s.rooms["r"].online, s.rooms["r"].online_count) == ({"alice", "fred"}, 5)
+    # A count below the names cannot be right; a null list: unknown, so every event is news.
+    s.handle({"type": "presence", "room": "r", "online": ["alice", "bob"], "online_count": 1})
+    assert s.rooms["r"].online_count == 2
+    s.handle({"type": "presence", "room": "r", "online": None, "online_count": None})
+    s.handle(presence("r", "bob", True))
+    s.handle(presence("r", "bob", True))
+    assert s.drain() == ([], [Notice("[r] bob is online")] * 2)
+    assert s.rooms["r"].online is None and s.rooms["r"].online_count is None
+
+
+def test_who_asks_the_server_and_prints_its_answer():
+    s = present_session("r", "s")
+    s.who()
+    (ask,), events = s.drain()
+    assert ask == {"type": "presence", "room": "r", "ref": ask["ref"]} and events == []
+    answer(s, ask, "presence", room="r", online=["carol", "alice", "bob"], online_count=3)
+    assert s.drain() == ([], [Notice("[r] 3 online: alice, bob, carol")])
+    assert s.rooms["r"].online == {"alice", "bob", "carol"}
+    s.who()
+    (ask,), _ = s.drain()
+    answer(s, ask, "presence", room="r", online=["bob"], online_count=3)
+    assert s.drain()[1] == [Notice("[r] 3 online: bob, and 2 more")]
+    s.who()
+    (ask,), _ = s.drain()
+    answer(s, ask, "presence", room="r", online=[], online_count=4)  # presence_list_max = 0
+    assert s.drain()[1] == [Notice("[r] 4 online")]
+    s.who()
+    (ask,), _ = s.drain()
+    answer(s, ask, "error", code="unavailable", message="presence is unavailable; try again")
+    assert s.drain()[1] == [Problem("unavailable", "who r: presence is unavailable; try again")]
+    # The answer for a room left meanwhile says nothing.
+    s.who()
+    (ask,), _ = s.drain()
+    s.leave("r")
+    s.drain()
+    answer(s, ask, "presence", room="r", online=["alice"], online_count=1)
+    assert s.drain() == ([], [])
+    s.leave("s")
+    s.drain()
+    s.who()
+    assert s.drain() == ([], [Problem("not_member", "join a room first: /join ROOM")])
+
+
+def test_who_before_the_room_is_joined_is_asked_once_it_is():
+    s = present_session("r")
+    s.who()
+    s.drain()
+    s.disconnected()  # that one was not answered: asked again after the rejoin
+    s.who()  # nor this one, typed offline: the same question, asked once
+    assert s.drain() == ([], [Notice("not connected: /who answered once connected")])
+    s.connected()
+    (join,), _ = s.drain()
+    s.who()  # joining: waits too
+    assert s.drain() == ([], [])
+    answer(s, join, "joined", room="r", last_id=None, online=["alice"], online_count=1)
+    (ask,), events = s.drain()
+    assert ask == {"type": "presence", "room": "r", "ref": ask["ref"]}
+    assert events == [Notice("joined r"), Notice("[r] 1 online")]
+    answer(s, ask, "presence", room="r", online=["alice", "bob"], online_count=2)
+    assert s.drain() == ([], [Notice("[r] 2 online: alice, bob")])
+
+
+def test_who_command_sends_a_presence_request_and_refuses_an_argument():
+    from chatserver.client.terminal import HELP, Client
+
+    out: list[str] = []
+    err: list[str] = []
+    client = Client(None, "ws://h/ws", present_session("r"), out.append, err.append)
+    client.link = link = FakeLink()
+    client.line("/who everyone")
+    assert link.sent == [] and err == [f"! usage: {HELP}"]
+    client.line("/WHO")
+    assert [(f["type"], f["room"]) for f in link.sent] == [("presence", "r")]
+    client.received(
+        {
+            "type": "presence",
+            "ref": link.sent[0]["ref"],
+            "room": "r",
+            "online": ["bob", "alice"],
+            "online_count": 2,
+        }
+    )
+    client.received(presence("r", "carol", True))
+    assert out == ["* [r] 2 online: alice, bob", "* [r] carol is online"]
+    assert "/who" in HELP
+
+
 class PacedProto:
     """Stands for the open WebSocket under a real ``Link``: records what it sends."""
 
@@ -1446,3 +1667,99 @@ async def test_typing_is_a_status_line_once_per_interval_and_never_for_our_own_u
         proc.kill()
     typing = [line for line in proc.lines if line.endswith(" is typing")]
     assert sorted(typing) == ["* [r] bob is typing", "* [r] carol is typing"], proc.transcript()
+
+
+@ensure
+async def test_presence_lines_for_the_current_room_and_who_end_to_end(server):
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r", "--room", "s")
+    try:
+        await proc.expect(r"^\* joined r$")
+        await proc.expect(r"^\* \[r\] 2 online$")  # only with presence: true
+        await proc.expect(r"^\* joined s$")
+        await proc.expect(r"^\* \[s\] 1 online$")
+        carol = await connect(server.port, "carol")
+        await carol.join("s")  # not the current room: kept silently
+        dave = await connect(server.port, "dave")
+        await dave.join("r")
+        await proc.expect(r"^\* \[r\] dave is online$")
+        # Our user's other device changes nothing: we are online already.
+        elsewhere = await connect(server.port, "alice")
+        await elsewhere.join("r")
+        await elsewhere.close()
+        proc.type("/who")
+        await proc.expect(r"^\* \[r\] 3 online: alice, bob, dave$")
+        await dave.close()
+        await proc.expect(r"^\* \[r\] dave went offline$")
+        proc.type("/join s", "/who")
+        await proc.expect(r"^\* \[s\] 2 online: alice, carol$")
+        await carol.close()
+        await proc.expect(r"^\* \[s\] carol went offline$")
+
+        # After a reconnect the rooms are joined with presence again.
+        cut(server, "alice")
+        await proc.expect(r"^\* connection closed \(1001 cut by the test\); reconnecting in")
+        await proc.expect(r"^\* joined r$")
+        await proc.expect(r"^\* \[r\] 2 online$")
+        await proc.expect(r"^\* \[s\] 1 online$")
+        erin = await connect(server.port, "erin")
+        await erin.join("s")
+        await proc.expect(r"^\* \[s\] erin is online$")
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+    changes = [line for line in proc.lines if re.search(r" (is online|went offline)$", line)]
+    assert changes == [
+        "* [r] dave is online",
+        "* [r] dave went offline",
+        "* [s] carol went offline",
+        "* [s] erin is online",
+    ], proc.transcript()
+    assert proc.errors == [], proc.transcript()
+
+
+@ensure
+async def test_who_with_the_servers_list_cut_short(make_server):
+    server = make_server(presence_list_max=1)
+    for user in ("bob", "carol"):
+        await (await connect(server.port, user)).join("r")
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
+    try:
+        await proc.expect(r"^\* \[r\] 3 online$")
+        proc.type("/who")
+        await proc.expect(r"^\* \[r\] 3 online: (alice|bob|carol), and 2 more$")
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+
+
+@ensure
+async def test_a_burst_of_joins_comes_as_a_list_that_prints_nothing(make_server):
+    server = make_server(presence_burst=1)
+    # The server's one-second windows, on a clock of the test's: the burst is one
+    # window however slowly the joins go, and its list comes when the test says.
+    windows = task.Clock()
+    server.presence._clock = windows
+    proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
+    try:
+        await proc.expect(r"^\* \[r\] 1 online$")
+        bob = await connect(server.port, "bob")
+        await bob.join("r")
+        await proc.expect(r"^\* \[r\] bob is online$")  # the first event of the window
+        clients = [await connect(server.port, user) for user in ("carol", "dave")]
+        for client in clients:
+            await client.join("r")  # past the burst: held for the list
+        windows.advance(1)  # the window ends: the list goes out
+        # Printed only if the list told the client dave was online.
+        await clients[1].close()
+        await proc.expect(r"^\* \[r\] dave went offline$")
+        proc.type("/who")
+        await proc.expect(r"^\* \[r\] 3 online: alice, bob, carol$")
+        proc.type("/quit")
+        assert await proc.wait_ended() == 0, proc.transcript()
+    finally:
+        proc.kill()
+    assert not [line for line in proc.lines if re.search("(carol|dave) is online", line)]

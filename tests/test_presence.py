@@ -7,6 +7,7 @@ here), and an instance in a process of its own for the kill -9.
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 import pytest
@@ -186,6 +187,18 @@ async def test_after_a_redis_restart_presence_is_rebuilt_without_stale_users(mak
         assert (answer["online"], answer["online_count"]) == (["alice", "bob"], 2)
 
 
+def _burst_size(wanted: int) -> int:
+    """Each member is two sockets in this process (client and server side): as
+    many as the open-file limit allows, up to ``wanted``, after raising it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    members = min(wanted, (soft - 1000) // 2)
+    assert members >= 500, f"open-file limit {soft} is too low for a burst test"
+    return members
+
+
 async def _join_all(port: int, users: list[str]) -> list[Any]:
     clients = []
     for start in range(0, len(users), 100):
@@ -218,7 +231,7 @@ class _View:
 @pytest.mark.redis
 @ensure
 async def test_a_room_joining_in_a_burst_converges_without_a_storm(make_server, redis):
-    members = int(os.environ.get("CHATSERVER_PRESENCE_BURST_MEMBERS", "600"))
+    members = _burst_size(int(os.environ.get("CHATSERVER_PRESENCE_BURST_MEMBERS", "5000")))
     settings = {"redis_url": redis.url, "presence_list_max": members + 10, "presence_burst": 20}
     a, b = (make_server(**settings) for _ in range(2))
     await gatherResults([s.broker.when_connected().addTimeout(15, reactor) for s in (a, b)])

@@ -49,6 +49,10 @@ class Broker(Protocol):
     def publish(self, room: str, payload: bytes) -> None:
         """Best effort: failures are counted and logged, never raised to the sender."""
 
+    def publish_in_order(self, room: str, payload: bytes) -> None:
+        """As ``publish``, and in the order of this instance's other calls of it
+        (presence events: a user's online must not overtake their offline)."""
+
     def publish_control(self, payload: bytes) -> None:
         """To every instance, this one included; kept and sent again after an outage."""
 

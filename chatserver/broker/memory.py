@@ -75,6 +75,8 @@ class MemoryBroker:
         for broker in tuple(self._hub.subscribers.get(room, ())):
             self._hub.clock.callLater(0, broker._receive, room, payload)
 
+    publish_in_order = publish  # delivered in call order anyway
+
     def _receive(self, room: str, payload: bytes) -> None:
         # One message per delivery here: a one-item list (nothing read together).
         if room in self.rooms and self._on_messages is not None:

@@ -319,24 +319,32 @@ class RedisBroker(BrokerEvents):
                 return conn
         return None
 
+    def _first_live(self) -> Any:
+        pool = self._pub_factory.live if self._pub_factory else []
+        return next((conn for conn in pool if conn.connected), None)
+
     def command(self, *args: Any) -> Deferred[Any]:
         """A command on the first live publisher connection: one connection, so the
         commands of one caller are run in the order they were sent. Fails at once
         with ``ConnectionError`` while Redis is away."""
-        pool = self._pub_factory.live if self._pub_factory else []
-        for conn in pool:
-            if conn.connected:
-                return conn.execute_command(*args)
-        raise txredisapi.ConnectionError("no live Redis connection")
+        conn = self._first_live()
+        if conn is None:
+            raise txredisapi.ConnectionError("no live Redis connection")
+        return conn.execute_command(*args)
 
     def publish(self, room: str, payload: bytes) -> None:
         self._publish(self.channel(room), payload)
 
+    def publish_in_order(self, room: str, payload: bytes) -> None:
+        self._publish(self.channel(room), payload, in_order=True)
+
     def publish_control(self, payload: bytes) -> None:
         self._publish(self.control_channel, payload)
 
-    def _publish(self, channel: bytes, payload: bytes) -> None:
-        conn = self._live_publisher()
+    def _publish(self, channel: bytes, payload: bytes, in_order: bool = False) -> None:
+        # In order: always the first live connection (commands keep their order
+        # on one connection, not across the pool).
+        conn = self._first_live() if in_order else self._live_publisher()
         if conn is None:
             self._keep_for_later(channel, payload)
             return

@@ -4,8 +4,8 @@ The parts, from the pure logic out to the terminal:
 
 - ``session``: the sans-IO session (resume after a reconnect, de-duplication by
   (room, id), ordering of live messages around a catch-up, reconnect backoff,
-  pacing, read markers, typing lines), with ``events`` (frames and events) and
-  ``outbox`` (pending sends);
+  pacing, read markers, typing lines, who is online), with ``events`` (frames
+  and events) and ``outbox`` (pending sends);
 - ``connection``: the WebSocket to the server (Autobahn on Twisted), paced;
 - ``terminal``: the command-line front end and ``main``.
 

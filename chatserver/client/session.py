@@ -34,6 +34,16 @@ room per ``READ_INTERVAL`` at most, and only past the marker the server has or
 was sent. They go when the driver calls ``send_reads`` (``read_delay`` says
 when), with a budget, so that they use the spare part of the client's pacing
 and never hold up what the user sends.
+
+Presence (protocol 1.1): every room is joined with ``presence: true`` (again
+after each reconnect), so ``joined`` carries who is online (``online``, at most
+the server's ``presence_list_max`` names, and the exact ``online_count``) and
+``presence`` events follow, one per user coming online or going offline in the
+room on any instance. A ``presence`` frame with a list (the server's answer to
+a burst of joins, or to ``who``) replaces what was known without a word, so a
+burst cannot flood the terminal. Only changes in the current room are shown,
+never our own user's; ``who`` asks the server for a fresh list of the current
+room and shows it when the answer (matched by its ref) comes.
 """
 
 from __future__ import annotations
@@ -176,6 +186,10 @@ class RoomState:
     what a read marker says was read (``/history`` pages are scroll-back).
     ``read``: the marker the server is known to have (``joined``, ``read``);
     ``read_sent``: the last one sent on this connection; ``read_at``: when.
+    ``online``: the users known online in the room (the server's list, perhaps
+    partial, kept up by events), and ``online_count`` the exact count; None
+    while unknown (offline, or the server's presence state unavailable).
+    ``who``: a ``who`` asked for before the room was joined, sent once it is.
     """
 
     name: str
@@ -189,6 +203,9 @@ class RoomState:
     read: int | None = None
     read_sent: int | None = None
     read_at: float | None = None
+    online: set[str] | None = None
+    online_count: int | None = None
+    who: bool = False
 
     def unmarked(self) -> bool:
         """Something was shown past every marker the server has or was sent."""
@@ -211,6 +228,60 @@ class RoomState:
         self.oldest = message.id if self.oldest is None else min(self.oldest, message.id)
         return True
 
+    def set_online(self, names: Any, count: Any) -> None:
+        """A presence list (``joined``, or a ``presence`` frame): it replaces what was
+        known. Names that are not valid user names are left out; a count below the
+        names listed cannot be right and is raised to it. Nulls: unknown."""
+        if not isinstance(names, list):
+            self.online = self.online_count = None
+            return
+        self.online = {n for n in names if isinstance(n, str) and is_valid_name(n)}
+        known = int_field(count)
+        self.online_count = None if known is None else max(known, len(self.online))
+
+    def went(self, user: str, online: bool) -> bool:
+        """A presence event; True if it tells something new (and then counts it).
+
+        An event is a change (first connection in, last one out), so while the
+        state is unknown every event is news. Else an event that changes nothing
+        (it crossed a list that already had it) is not: bob is not announced
+        twice, nor is the count moved twice. A user going offline who is not
+        listed may still be one of those the list left out (``online_count``
+        above the names): then the count goes down."""
+        known = self.online
+        if known is None:
+            return True
+        count = self.online_count
+        if online:
+            if user in known:
+                return False
+            known.add(user)
+            if count is not None:
+                self.online_count = count + 1
+            return True
+        if user in known:
+            known.discard(user)
+            if count is not None:
+                self.online_count = max(len(known), count - 1)
+            return True
+        if count is not None and count > len(known):
+            self.online_count = count - 1
+            return True
+        return False
+
+    def who_line(self) -> str:
+        """``[room] 3 online: alice, bob, carol``, sorted, ``, and N more`` when the
+        list is partial (just ``[room] 3 online`` when it names nobody)."""
+        if self.online is None or self.online_count is None:
+            return f"[{self.name}] online: unknown"
+        if not self.online:
+            return f"[{self.name}] {self.online_count} online"
+        names = sorted(self.online)
+        more = self.online_count - len(names)
+        if more > 0:
+            names.append(f"and {more} more")
+        return f"[{self.name}] {self.online_count} online: {', '.join(names)}"
+
 
 # --- the session ------------------------------------------------------------------
 
@@ -226,7 +297,8 @@ class Session:
 
     ``clock``: seconds, monotonic or wall (the driver passes its reactor's); tests
     pass a fake one. ``mark_read``: false for a front end that shows nothing
-    (``--send``), whose messages are then not marked read.
+    (``--send``), whose messages are then not marked read. ``presence``: join
+    with ``presence: true`` (false for such a front end too: it would show none).
     """
 
     def __init__(
@@ -239,6 +311,7 @@ class Session:
         mark_read: bool = True,
         read_interval: float = READ_INTERVAL,
         typing_interval: float = TYPING_INTERVAL,
+        presence: bool = True,
     ) -> None:
         self.user = user
         self.backlog = backlog
@@ -246,6 +319,7 @@ class Session:
         self.clock = clock
         self.mark_read = mark_read
         self.read_interval = read_interval
+        self.presence = presence
         self.typing_shown = Throttle(typing_interval)
         self.rooms: dict[str, RoomState] = {}
         for room in rooms:
@@ -274,6 +348,9 @@ class Session:
         self._frames.append(make_frame(kind, ref, room=room, **fields))
         return ref
 
+    def _join(self, room: str) -> None:
+        self._request("join", "join", room, presence=True if self.presence else None)
+
     def _problem(self, code: str, message: str) -> None:
         self._events.append(Problem(code, message))
 
@@ -289,16 +366,21 @@ class Session:
         for state in self.rooms.values():
             state.phase = JOINING
             state.held.clear()
-            self._request("join", "join", state.name)
+            self._join(state.name)
 
     def disconnected(self) -> None:
         """Held messages are forgotten (the catch-up after the reconnect fetches them
-        again); messages sent without an ack become unconfirmed."""
+        again); messages sent without an ack become unconfirmed. Who is online is
+        unknown until the rejoin says; a ``who`` not answered is asked again then."""
         self.online = False
+        for purpose, room in self._pending.values():
+            if purpose == "who" and room in self.rooms:
+                self.rooms[room].who = True
         self._pending.clear()
         for state in self.rooms.values():
             state.phase = OFFLINE
             state.held.clear()
+            state.online = state.online_count = None
         self.outbox.connection_lost()
 
     def resumed(self) -> bool:
@@ -320,7 +402,7 @@ class Session:
         state = self.rooms[room] = RoomState(room)
         if self.online:
             state.phase = JOINING
-            self._request("join", "join", room)
+            self._join(room)
 
     def leave(self, room: str | None = None) -> None:
         """Leave a room (default: the current one). Its unsent messages are reported
@@ -382,6 +464,22 @@ class Session:
             return
         self._request("history", "older", room, before=state.oldest, limit=limit)
 
+    def who(self) -> None:
+        """Who is online in the current room: asked of the server (the state kept from
+        events may be partial, or stale after a list was cut short), shown when the
+        answer comes. Before the room is joined, asked once it is."""
+        room = self.current
+        if room is None or room not in self.rooms:
+            self._problem("not_member", "join a room first: /join ROOM")
+            return
+        state = self.rooms[room]
+        if state.phase in (OFFLINE, JOINING):
+            state.who = True
+            if not self.online:
+                self._notice("not connected: /who answered once connected")
+            return
+        self._request("presence", "who", room)
+
     def _send_item(self, item: Outgoing) -> None:
         ref = self._request(item.kind, "send", item.room, **item.fields())
         self.outbox.mark_sent(item, ref)
@@ -415,6 +513,8 @@ class Session:
             self._on_read(frame)
         elif kind == "typing":
             self._on_typing(frame)
+        elif kind == "presence":
+            self._on_presence(purpose, frame)
         elif kind == "error" and purpose == "read":
             self._on_read_error(room, frame)
         elif kind == "error":
@@ -448,6 +548,12 @@ class Session:
         unread = int_field(frame.get("unread"))
         if unread is not None and unread > 0:
             self._notice(f"[{state.name}] {unread} unread")
+        state.set_online(frame.get("online"), frame.get("online_count"))
+        if state.online_count is not None:
+            self._notice(f"[{state.name}] {state.online_count} online")
+        if state.who:
+            state.who = False
+            self._request("presence", "who", state.name)
         if state.cursor is None:
             # First join: everything up to last_id is the past, shown as a backlog
             # and reachable with /history; only what is newer must not be missed.
@@ -533,6 +639,27 @@ class Session:
         if self.typing_shown.allow((room, user), self.clock()):
             self._notice(f"[{room}] {user} is typing")
 
+    def _on_presence(self, purpose: str | None, frame: dict[str, Any]) -> None:
+        room = frame.get("room")
+        state = self.rooms.get(room) if isinstance(room, str) else None
+        if state is None:
+            return  # a room we left, or nonsense
+        online = frame.get("online")
+        if isinstance(online, bool):
+            user = frame.get("user")
+            if not isinstance(user, str) or not is_valid_name(user) or user == self.user:
+                # Our user is online wherever we are (we are connected): an event of
+                # ours would only be another connection's, or one that crossed ours.
+                return
+            if state.went(user, online) and state.name == self.current:
+                change = "is online" if online else "went offline"
+                self._notice(f"[{state.name}] {user} {change}")
+        elif isinstance(online, list) or "online_count" in frame:
+            # A list replaces what was known, silently unless it answers a ``who``.
+            state.set_online(online, frame.get("online_count"))
+            if purpose == "who":
+                self._notice(state.who_line())
+
     # read markers, on the driver's schedule
 
     def _read_due(self, state: RoomState) -> float | None:
@@ -597,6 +724,8 @@ class Session:
         elif purpose in ("backlog", "catchup"):
             self._problem(code, f"history of {room}: {text}")
             self._events.append(Resync(f"catch-up of {room}: {code}"))
+        elif purpose == "who":
+            self._problem(code, f"who {room}: {text}")
         elif purpose == "send":
             item = self.outbox.answered(ref)
             if item is not None and item.kind == DELETE and item.retried and code == "not_found":

@@ -6,7 +6,8 @@ Lines typed on stdin go to the current room; messages print as
 ``[room] #id user: body``, edits and deletes (protocol 1.1 events) as
 ``[room] #id user edited #target: body`` and ``[room] #id user deleted #target``;
 ``/join``, ``/leave``, ``/history [N]``, ``/edit ID TEXT``, ``/delete ID``,
-``/quit``. ``--send TEXT`` posts one message, prints its id once acked and exits.
+``/who``, ``/rooms``, ``/quit``. ``--send TEXT`` posts one message, prints its
+id once acked and exits.
 
 ``Client`` drives the sans-IO ``Session`` with a ``Link`` (the WebSocket): it
 feeds the session what arrives, sends what it asks, reconnects with its
@@ -19,6 +20,13 @@ joining a room with messages from others past the user's read marker, and
 ``* [room] bob is typing`` (at most once per user and room per few seconds).
 The client itself never sends ``typing``: the terminal hands it whole lines,
 and by then the line is sent, so there is no moment at which it is "typing".
+
+Presence (protocol 1.1): on joining a room, ``* [room] N online``; in the
+current room, ``* [room] bob is online`` and ``* [room] bob went offline`` as
+people come and go (never for our own user; other rooms' changes are kept
+silently, and so is a list the server sends instead of a burst of events).
+``/who`` asks the server and prints ``* [room] 3 online: alice, bob, carol``,
+with ``, and N more`` when the server's list is cut short.
 """
 
 from __future__ import annotations
@@ -59,9 +67,9 @@ QUIT_GRACE = 5.0  # seconds /quit waits for acks of messages already sent
 READ_RESERVE = 4
 
 HELP = (
-    "commands: /join ROOM, /leave [ROOM], /history [N], /edit ID TEXT, /delete ID, /rooms,"
-    " /quit; other lines are sent to the current room (start with // to send a line"
-    " beginning with /)"
+    "commands: /join ROOM, /leave [ROOM], /history [N], /edit ID TEXT, /delete ID,"
+    " /who (who is online in the current room), /rooms, /quit; other lines are sent to"
+    " the current room (start with // to send a line beginning with /)"
 )
 USAGE = {
     "edit": "/edit ID TEXT: replace the text of your message #ID in the current room",
@@ -279,6 +287,8 @@ class Client:
         elif command == "history":
             limit = int(arg) if arg.isdigit() else DEFAULT_OLDER
             self.session.older(max(1, min(HISTORY_LIMIT_MAX, limit)))
+        elif command == "who" and not arg:
+            self.session.who()
         elif command == "rooms":
             names = ", ".join(self.session.rooms) or "none"
             self._show([Notice(f"rooms: {names}; current: {self.session.current}")])
@@ -465,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         backlog=0 if script is not None else args.backlog,
         clock=reactor.seconds,
         mark_read=script is None,  # --send prints no messages, so reads none
+        presence=script is None,  # nor who is online
     )
 
     def write_err(text: str) -> None:

@@ -41,6 +41,24 @@ class _Window:
         self.flush: IDelayedCall | None = None
 
 
+class _Reading:
+    """A room's list being read: who asked for it, and the events held meanwhile."""
+
+    __slots__ = ("held", "next", "now", "overflow")
+
+    def __init__(self) -> None:
+        self.now: list[tuple[Sink | None, object]] = []  # (one watcher or all, unless)
+        self.next: list[tuple[Sink | None, object]] = []  # asked while this one was read
+        self.held: list[bytes] = []
+        self.overflow = False
+
+    def hold(self, frame: bytes, most: int) -> None:
+        if len(self.held) < most:
+            self.held.append(frame)
+        else:
+            self.overflow = True
+
+
 class PresenceTracker:
     log = Logger()
 
@@ -62,6 +80,7 @@ class PresenceTracker:
         self._local: dict[str, dict[str, int]] = {}  # room -> user -> connections here
         self._watchers: dict[str, set[Sink]] = {}
         self._windows: dict[str, _Window] = {}
+        self._reading: dict[str, _Reading] = {}  # rooms whose list is being read
         registry.on_presence = self.on_event
         self.events = 0  # presence events written to watchers here
         self.snapshots = 0  # lists sent instead of a burst's events
@@ -153,6 +172,10 @@ class PresenceTracker:
     def _rebuilt(self, _: object, held: int) -> None:
         self.rebuilds += 1
         self.log.info("presence: state rebuilt, {held} users held here", held=held)
+        # Events published while the broker was away never reached our watchers:
+        # each watched room gets its list afresh.
+        for room in list(self._watchers):
+            self.read_list(room, None)
         waiters, self._rebuild_waiters = self._rebuild_waiters, []
         for w in waiters:
             w.callback(None)
@@ -180,6 +203,10 @@ class PresenceTracker:
         watchers = self._watchers.get(room)
         if not watchers:
             return
+        reading = self._reading.get(room)
+        if reading is not None:
+            reading.hold(frame, self._burst)
+            return
         now = self._clock.seconds()
         window = self._windows.get(room)
         if window is None or now - window.start >= WINDOW:
@@ -195,7 +222,7 @@ class PresenceTracker:
             return
         if window.flush is None:
             delay = max(0.0, window.start + WINDOW - now)
-            window.flush = self._clock.callLater(delay, self._send_list, room, window)
+            window.flush = self._clock.callLater(delay, self._flush, room, window)
 
     def _forget_windows(self, now: float) -> None:
         self._windows = {
@@ -204,12 +231,48 @@ class PresenceTracker:
             if w.flush is not None or now - w.start < WINDOW
         }
 
-    def _send_list(self, room: str, window: _Window) -> None:
+    def _flush(self, room: str, window: _Window) -> None:
         if self._windows.get(room) is window:
             del self._windows[room]
-        self.online(room).addCallbacks(self._list_read, self._failed, (room,))
+        self.read_list(room, None)
 
-    def _list_read(self, result: tuple[list[str], int], room: str) -> None:
+    def read_list(self, room: str, to: Sink | None, unless: object = None) -> None:
+        """Send ``room``'s list to its watchers (``to`` one of them alone, and only
+        if the list is not ``unless``).
+
+        Events that arrive while the list is read are held and delivered after
+        it: one published after the read would otherwise come first and be
+        undone by a list that predates it. Held events that predate the read
+        repeat what the list says, which is harmless."""
+        reading = self._reading.get(room)
+        if reading is not None:
+            reading.next.append((to, unless))
+            return
+        reading = self._reading[room] = _Reading()
+        reading.now.append((to, unless))
+        self.online(room).addBoth(self._list_read, room, reading)
+
+    def _list_read(self, result: object, room: str, reading: _Reading) -> None:
+        del self._reading[room]
+        if isinstance(result, Failure):
+            self._failed(result)
+        else:
+            self._send_list(room, result, reading.now)  # type: ignore[arg-type]
+        if reading.next:
+            again = self._reading[room] = _Reading()
+            again.now, again.held, again.overflow = reading.next, reading.held, reading.overflow
+            self.online(room).addBoth(self._list_read, room, again)
+            return
+        if reading.overflow:
+            self.read_list(room, None)  # too much happened meanwhile: one more list
+            return
+        with self._delivery.batch():
+            for frame in reading.held:
+                self.on_event(room, frame)
+
+    def _send_list(
+        self, room: str, result: tuple[list[str], int], asked: list[tuple[Sink | None, object]]
+    ) -> None:
         watchers = self._watchers.get(room)
         if not watchers:
             return
@@ -218,9 +281,14 @@ class PresenceTracker:
             wire.encode({"type": "presence", "room": room, "online": names, "online_count": count})
         )
         with self._delivery.batch():
-            for sink in watchers:
-                self._delivery.to_connection(sink, frame)
-        self.snapshots += 1
+            if any(to is None for to, _ in asked):
+                for sink in watchers:
+                    self._delivery.to_connection(sink, frame)
+                self.snapshots += 1
+                return
+            for to, unless in asked:
+                if to in watchers and result != unless:
+                    self._delivery.to_connection(to, frame)
 
     # -- metrics --------------------------------------------------------------------
 

@@ -21,6 +21,21 @@
 // the newest id its state includes (a page's messages: the page's last id, as
 // everything up to it was stored before the read); an edit event applies only
 // past it, so a page's own events, already folded, change nothing.
+//
+// Unread counts and read markers (protocol 1.1) come from the server: `joined`
+// says how many messages by others follow the user's marker (`unread`, counted
+// up to its `last_id`); from there on, each new message by someone else that
+// the user is not reading adds one (events never do). The user is reading a
+// room when it is open, the tab is visible and the newest messages are on
+// screen: its count goes to 0 and a `read` with the newest id shown follows, at
+// most one per room per READ_EVERY, only past the known marker, and only in the
+// room the frame pacing leaves (a user's own sends never wait behind one). A
+// `read` from another device of the user moves the marker (the highest is
+// kept), which clears the count once it reaches the newest id known.
+//
+// Typing: input in the composer sends `typing` for the open room at most once
+// per TYPING_EVERY (never for an empty field, never on send); others' `typing`
+// shows under the messages for TYPING_SHOWN, or until that user's next message.
 "use strict";
 
 (() => {
@@ -30,6 +45,10 @@
   const OLDER = 50; // "Load older messages" page
   const PING_EVERY = 25000; // ms; a network drop sends no close, so we ask
   const PONG_WAIT = 10000;
+  const READ_EVERY = 1000; // ms between two read markers of one room
+  const TYPING_EVERY = 2000; // ms between two `typing` frames of one room
+  const TYPING_SHOWN = 4000; // ms "bob is typing…" stays without a new frame
+  const TYPING_REF = "typing"; // no answer comes: errors only, kept quiet
   const FATAL = {
     4001: "Your token has expired: get a new one and reload the page.",
     4003: "You are banned from this server.",
@@ -72,6 +91,12 @@
     take() {
       this.tokens -= 1;
     }
+    // Seconds until `n` tokens are there (0: now): optional frames (read markers,
+    // typing) go only when the queue ahead of them and a spare token fit.
+    spare(n) {
+      this.delay();
+      return this.tokens >= n ? 0 : (n - this.tokens) / this.rate;
+    }
   }
 
   // A message's cid (1-64 of A-Z a-z 0-9 _ -). randomUUID exists only in a secure
@@ -97,6 +122,7 @@
     title: $("room-title"),
     messages: $("messages"),
     older: $("older"),
+    typing: $("typing"),
     composer: $("composer"),
     message: $("message"),
   };
@@ -191,6 +217,7 @@
     const unread = document.createElement("span");
     unread.className = "unread";
     pick.append(label, unread);
+    pick.setAttribute("aria-label", name);
     pick.addEventListener("click", () => selectRoom(name));
     const leave = document.createElement("button");
     leave.type = "button";
@@ -214,9 +241,19 @@
       held: [],
       start: false, // no older messages exist
       loadingOlder: false,
-      unread: 0,
+      unread: 0, // messages by others after the marker (the server's count, then live)
+      counted: 0, // the server's count includes every id up to this (joined's last_id)
+      newest: 0, // the newest id delivered (events included): what a marker may say
+      read: 0, // the marker the server is known to have
+      readUpTo: 0, // the newest id the user has had on screen
+      readSent: 0, // the last marker sent on this connection
+      readAt: -Infinity, // when (performance.now())
+      readTimer: null,
+      typingAt: -Infinity, // when our last `typing` for this room went
+      typers: new Map(), // user -> timer that forgets them
       log,
       item: li,
+      pick,
     };
     app.rooms.set(name, room);
     return room;
@@ -233,6 +270,8 @@
     const room = app.rooms.get(name);
     if (!room) return;
     app.rooms.delete(name);
+    clearTimeout(room.readTimer);
+    for (const timer of room.typers.values()) clearTimeout(timer);
     room.log.remove();
     room.item.remove();
     app.outbox = app.outbox.filter((item) => item.room !== name);
@@ -249,15 +288,131 @@
       const active = room.name === name;
       room.log.hidden = !active;
       room.item.classList.toggle("active", active);
-      if (active) {
-        room.unread = 0;
-        room.item.querySelector(".unread").textContent = "";
-      }
+      if (active) room.pick.setAttribute("aria-current", "true");
+      else room.pick.removeAttribute("aria-current");
     }
     ui.title.textContent = name ? `#${name}` : "No room yet: join one";
     ui.chat.dataset.room = name || "";
     updateOlder();
     scrollToBottom();
+    showTyping();
+    const room = app.rooms.get(name);
+    if (room) noteRead(room);
+  }
+
+  // --- unread counts and read markers -------------------------------------------
+
+  function setUnread(room, count) {
+    room.unread = Math.max(0, count);
+    room.item.querySelector(".unread").textContent = room.unread ? String(room.unread) : "";
+    room.pick.setAttribute(
+      "aria-label",
+      room.unread ? `${room.name}, ${room.unread} unread` : room.name,
+    );
+  }
+
+  // Open, visible, caught up and scrolled to the bottom: the newest is on screen.
+  function reading(room) {
+    return (
+      room.name === app.current &&
+      room.phase === "live" &&
+      document.visibilityState === "visible" &&
+      !ui.chat.hidden &&
+      nearBottom()
+    );
+  }
+
+  function noteRead(room) {
+    if (!reading(room)) return;
+    room.readUpTo = Math.max(room.readUpTo, room.newest);
+    if (room.unread) setUnread(room, 0);
+    flushRead(room);
+  }
+
+  // Coalesced: one marker per room per READ_EVERY, the newest read by then.
+  function flushRead(room) {
+    if (room.readTimer !== null) return;
+    if (!app.online || room.phase !== "live") return; // goLive comes back here
+    if (room.readUpTo <= Math.max(room.read, room.readSent)) return;
+    const now = performance.now();
+    const wait = Math.max(
+      room.readAt + READ_EVERY - now,
+      app.bucket.spare(app.queue.length + 2) * 1000, // ours and one spare
+    );
+    if (wait > 0) {
+      room.readTimer = setTimeout(() => {
+        room.readTimer = null;
+        if (app.rooms.get(room.name) === room) flushRead(room);
+      }, Math.max(wait, 50));
+      return;
+    }
+    room.readSent = room.readUpTo;
+    room.readAt = now;
+    request("read", "read", room.name, { id: room.readUpTo });
+  }
+
+  // Our marker, moved by this page or another device of ours: the highest is kept.
+  function onRead(frame) {
+    const room = app.rooms.get(frame.room);
+    if (!room || !Number.isInteger(frame.id) || frame.id < 1) return;
+    room.read = Math.max(room.read, frame.id);
+    if (room.read >= Math.max(room.newest, room.counted)) {
+      setUnread(room, 0);
+      return;
+    }
+    // Everything past the marker is shown (no gap below the newest): count it.
+    if (room.unread && (room.start || (room.oldest !== null && room.read >= room.oldest - 1))) {
+      let left = 0;
+      for (const li of room.log.querySelectorAll("li.msg[data-id]:not(.mine):not(.deleted)")) {
+        if (Number(li.dataset.id) > room.read) left += 1;
+      }
+      setUnread(room, Math.min(room.unread, left));
+    }
+  }
+
+  // --- typing --------------------------------------------------------------------
+
+  // Someone else typing in the open room, as one line.
+  function showTyping() {
+    const room = app.rooms.get(app.current);
+    const names = room ? [...room.typers.keys()] : [];
+    let text = "";
+    if (names.length === 1) text = `${names[0]} is typing…`;
+    else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+    else if (names.length > 2) text = "several people are typing…";
+    if (ui.typing.textContent === text) return; // unchanged: nothing to announce
+    const stick = nearBottom();
+    ui.typing.textContent = text;
+    if (stick) scrollToBottom();
+  }
+
+  function onTyping(frame) {
+    const room = app.rooms.get(frame.room);
+    const user = frame.user;
+    if (!room || typeof user !== "string" || !NAME.test(user) || user === app.user) return;
+    const known = room.typers.has(user);
+    clearTimeout(room.typers.get(user));
+    room.typers.set(user, setTimeout(() => stopTyping(room, user), TYPING_SHOWN));
+    if (!known && room.name === app.current) showTyping();
+  }
+
+  function stopTyping(room, user) {
+    if (!room.typers.has(user)) return;
+    clearTimeout(room.typers.get(user));
+    room.typers.delete(user);
+    if (room.name === app.current) showTyping();
+  }
+
+  // From the composer's input events: best effort, so only within spare pacing.
+  function sendTyping() {
+    const room = app.rooms.get(app.current);
+    if (!room || !app.online || room.phase !== "live" || !ui.message.value.trim()) return;
+    const now = performance.now();
+    if (now - room.typingAt < TYPING_EVERY) return;
+    if (app.bucket.spare(app.queue.length + 2) > 0) return; // the next keystroke tries again
+    room.typingAt = now;
+    app.queue.push(JSON.stringify({ type: "typing", ref: TYPING_REF, room: room.name }));
+    pump();
   }
 
   function updateOlder() {
@@ -460,21 +615,22 @@
   // `past`: a backlog or older page, not news: no unread count, no scrolling.
   // `rev`: the newest id the message's state includes (a page's last id).
   function show(room, m, { past = false, rev = m.id } = {}) {
-    const stick = nearBottom();
+    const current = room.name === app.current;
+    const stick = current && nearBottom();
     const li = render(m.room, m.user, m.body, m.ts);
     stamp(li, m.id, m.ts);
     if (typeof m.cid === "string") li.dataset.cid = m.cid;
     place(room, li, m.id);
     fold(li, m);
     adopt(room, li, m.id, Math.max(rev, m.id));
-    if (room.name !== app.current) {
-      if (!past) {
-        room.unread += 1;
-        room.item.querySelector(".unread").textContent = String(room.unread);
-      }
-    } else if (stick && !past) {
-      scrollToBottom();
+    if (past) return;
+    if (stick) scrollToBottom();
+    if (m.user !== app.user) {
+      stopTyping(room, m.user); // said it
+      // Up to `counted`, the server's count from `joined` has it already.
+      if (m.id > room.counted && !reading(room)) setUnread(room, room.unread + 1);
     }
+    noteRead(room);
   }
 
   // A message from the server (live, catch-up or history): shown once per (room, id).
@@ -485,7 +641,11 @@
     // whose live copy has not come yet, and must not move the cursor past a gap.
     if (!past && (room.cursor === null || m.id > room.cursor)) room.cursor = m.id;
     if (room.oldest === null || m.id < room.oldest) room.oldest = m.id;
-    if (room.seen.has(m.id)) return;
+    if (m.id > room.newest) room.newest = m.id;
+    if (room.seen.has(m.id)) {
+      if (!past) noteRead(room); // our own, acked before its live copy came
+      return;
+    }
     if (typeof m.edits === "number" || typeof m.deletes === "number") {
       room.seen.add(m.id);
       onEvent(room, m); // not a line, not unread
@@ -497,6 +657,7 @@
       );
       if (item) {
         confirm(room, item, m.id, m.ts, m, opts.rev); // its ack was lost (or is behind)
+        if (!past) noteRead(room);
         return;
       }
     }
@@ -799,6 +960,9 @@
       setPhase(room, "offline");
       room.held = [];
       room.loadingOlder = false;
+      clearTimeout(room.readTimer);
+      room.readTimer = null;
+      for (const user of [...room.typers.keys()]) stopTyping(room, user);
     }
     for (const item of app.outbox) {
       if (item.state === "sent") {
@@ -893,13 +1057,19 @@
     const ref = typeof frame.ref === "string" ? frame.ref : null;
     const asked = ref && app.pending.get(ref);
     if (asked) app.pending.delete(ref);
-    const { purpose, room: roomName } = asked || {};
+    const { purpose, room: roomName } = asked || (ref === TYPING_REF ? { purpose: "typing" } : {});
     switch (frame.type) {
       case "message":
         onMessage(frame);
         break;
       case "joined":
-        if (purpose === "join") onJoined(roomName, frame.last_id);
+        if (purpose === "join") onJoined(roomName, frame);
+        break;
+      case "read":
+        onRead(frame);
+        break;
+      case "typing":
+        onTyping(frame);
         break;
       case "history":
         if (purpose) onHistory(purpose, roomName, frame);
@@ -937,10 +1107,17 @@
     else if (room.phase !== "offline") room.held.push(m);
   }
 
-  function onJoined(name, lastId) {
+  function onJoined(name, frame) {
     const room = app.rooms.get(name);
     if (!room) return; // left before the join was answered
-    const last = typeof lastId === "number" ? lastId : null;
+    const last = typeof frame.last_id === "number" ? frame.last_id : null;
+    if (Number.isInteger(frame.last_read)) room.read = Math.max(room.read, frame.last_read);
+    room.readSent = 0; // what this connection has sent: nothing yet
+    if (Number.isInteger(frame.unread)) {
+      // The server's count replaces ours: it holds everything up to last_id.
+      room.counted = last || 0;
+      setUnread(room, frame.unread);
+    }
     if (room.cursor === null) {
       // First join: what is there already is the past (the backlog, and older
       // pages on request); only what comes after last_id must not be missed.
@@ -1000,12 +1177,25 @@
     if (room.name === app.current) {
       updateOlder();
       scrollToBottom();
+      noteRead(room);
     }
+    flushRead(room); // read before a drop, not yet marked
   }
 
   function onError(purpose, name, ref, frame) {
     const code = String(frame.code);
     const message = String(frame.message);
+    if (purpose === "typing") return; // best effort
+    if (purpose === "read") {
+      // Housekeeping the user did not ask for: no error shown. A busy or failing
+      // server gets the marker again later.
+      const room = app.rooms.get(name);
+      if (room && (code === "unavailable" || code === "rate_limited")) {
+        room.readSent = 0;
+        flushRead(room);
+      }
+      return;
+    }
     if (purpose === "join" && app.rooms.has(name)) {
       showError(code, `join ${name}: ${message}`);
       if (code === "unavailable" || code === "rate_limited") drop(`join ${name}: ${code}`);
@@ -1094,7 +1284,17 @@
   let stuck = true;
   ui.messages.addEventListener("scroll", () => {
     stuck = nearBottom();
+    const room = app.rooms.get(app.current);
+    if (stuck && room) noteRead(room);
   });
+
+  // Back to the tab: what is on screen now is read.
+  document.addEventListener("visibilitychange", () => {
+    const room = app.rooms.get(app.current);
+    if (room) noteRead(room);
+  });
+
+  ui.message.addEventListener("input", sendTyping);
   window.addEventListener("resize", () => {
     if (stuck) scrollToBottom();
   });
