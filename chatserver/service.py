@@ -159,7 +159,7 @@ class ChatServerService(MultiService):
             self._make_presence(),
             self.registry,
             self.delivery,
-            reactor,
+            clock,
             config.presence_list_max,
             config.presence_burst,
         )

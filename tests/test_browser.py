@@ -26,6 +26,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 from wsclient import connect, handshake_status, in_room
 
@@ -909,3 +910,214 @@ async def test_typing_goes_both_ways_and_ends_with_the_message(server, browsers,
     await page.until_shown("t", "done typing")
     await until_typing(page, "carol is typing…")
     await until_typing(page, "")
+
+
+# -- protocol 1.1: presence ---------------------------------------------------------------
+
+# The open room's presence as the page shows it: [the toggle's text, or None when
+# nothing is shown; whether the list is open; its items, "name [class]" if classed].
+ONLINE = """
+const toggle = document.getElementById('presence-toggle');
+return [document.getElementById('presence').hidden
+          ? null : document.getElementById('online-count').textContent,
+        toggle.getAttribute('aria-expanded') === 'true'
+          && !document.getElementById('online-panel').hidden,
+        [...document.querySelectorAll('#online-list li')]
+          .map((li) => li.className ? `${li.textContent} [${li.className}]` : li.textContent)];
+"""
+
+
+async def until_online(page: Page, text: str | None, items: list[str] | None = None) -> list[Any]:
+    """Wait until the open room shows ``text`` ("3 online"; None: nothing) and, if
+    ``items`` is given, its list is open and holds exactly those."""
+
+    def ok(driver: Any) -> Any:
+        shown = driver.execute_script(ONLINE)
+        if shown[0] != text or (items is not None and (not shown[1] or shown[2] != items)):
+            return False
+        return shown
+
+    return await page.until(ok, f"presence {text!r} {items!r}")
+
+
+async def toggle_online(page: Page) -> None:
+    await page.call(lambda: page.driver.find_element(By.ID, "presence-toggle").click())
+
+
+def presence_frames(frames: list[dict], room: str) -> list[dict]:
+    return [f for f in frames if f["type"] == "presence" and f.get("room") == room]
+
+
+@ensure
+async def test_presence_shows_who_is_online_and_follows_joins_and_leaves(
+    server, browsers, tmp_path
+):
+    bob, carol = await in_room(server.port, "p", "bob", "carol")  # version 1 joins count too
+    page = await open_page(browsers, server.port, "alice", preload=TAP)
+    await page.join("p")
+    await until_online(page, "3 online")
+    joins = [f for f in await page.tap("sent") if f["type"] == "join"]
+    assert [(f["room"], f["presence"]) for f in joins] == [("p", True)], joins
+    joined = [f for f in await page.tap("got") if f["type"] == "joined"]
+    assert [(f["online"], f["online_count"]) for f in joined] == [(["alice", "bob", "carol"], 3)]
+
+    # From the keyboard: Enter opens the list, Escape closes it and keeps the focus.
+    toggle = await page.call(page.driver.find_element, By.ID, "presence-toggle")
+    assert await page.call(toggle.get_attribute, "aria-expanded") == "false"
+    await page.call(toggle.send_keys, Keys.ENTER)
+    everyone = ["alice [you]", "bob", "carol"]
+    await until_online(page, "3 online", everyone)
+
+    # Live, from events: dave's first connection enters, his second changes
+    # nothing, the last one leaving takes him off; a leave (bob) as well.
+    dave = await connect(server.port, "dave")
+    await dave.join("p")
+    await until_online(page, "4 online", [*everyone, "dave"])
+    dave_too = await connect(server.port, "dave")
+    await dave_too.join("p")
+    await dave.close()
+    await bob.request({"type": "leave", "room": "p"})
+    await until_online(page, "3 online", ["alice [you]", "carol", "dave"])
+    await dave_too.close()
+    await until_online(page, "2 online", ["alice [you]", "carol"])
+    events = [
+        (f["user"], f["online"]) for f in presence_frames(await page.tap("got"), "p") if "user" in f
+    ]
+    assert events == [("dave", True), ("bob", False), ("dave", False)], events
+    # Nothing of it in the message log, nor as an error.
+    assert await page.messages("p") == []
+    assert await page.call(page.driver.find_elements, By.CSS_SELECTOR, "#errors li") == []
+
+    await page.call(lambda: page.driver.switch_to.active_element.send_keys(Keys.ESCAPE))
+    await until_online(page, "2 online")
+    assert (await page.script(ONLINE))[1] is False
+    assert await page.script("return document.activeElement.id") == "presence-toggle"
+
+    # Per room: one of her own shows 1; back in "p", 2 again.
+    await page.join("q")
+    await until_online(page, "1 online")
+    await page.call(
+        lambda: page.driver.find_element(By.CSS_SELECTOR, "#rooms .pick[data-room=p]").click()
+    )
+    await until_online(page, "2 online")
+
+    # After a reconnect both rooms are joined again with presence, and the list is fresh.
+    await page.script("window.__tap.socket.close()")
+
+    def rejoined(driver: Any) -> Any:
+        sent = driver.execute_script("return window.__tap.sent")
+        return len([f for f in sent if f["type"] == "join"]) == 4
+
+    await page.until(rejoined, "both rooms joined again")
+    await page.until_live("p")
+    await page.until_live("q")
+    await until_online(page, "2 online")
+    joins = [f for f in await page.tap("sent") if f["type"] == "join"]
+    assert sorted((f["room"], f["presence"]) for f in joins) == [
+        ("p", True),
+        ("p", True),
+        ("q", True),
+        ("q", True),
+    ], joins
+
+    # A phone: the count is in the header, the list opens over the messages and
+    # fits; a tap elsewhere closes it.
+    await page.call(page.driver.set_window_size, 390, 800)
+    assert await page.call(toggle.is_displayed)
+    await toggle_online(page)
+    await until_online(page, "2 online", ["alice [you]", "carol"])
+    assert await page.call(page.driver.find_element(By.ID, "online-list").is_displayed)
+    fits = await page.script("return document.documentElement.scrollWidth <= window.innerWidth")
+    assert fits
+    await page.screenshot(tmp_path, "presence-phone.png")
+    await page.call(lambda: page.driver.find_element(By.ID, "messages").click())
+    await until_online(page, "2 online")
+    assert (await page.script(ONLINE))[1] is False
+    await carol.close()
+
+
+@ensure
+async def test_a_partial_list_says_and_n_more_and_events_keep_the_count(
+    make_server, browsers, tmp_path
+):
+    server = make_server(presence_list_max=1)
+    bob, carol = await in_room(server.port, "big", "bob", "carol")
+    page = await open_page(browsers, server.port, "alice", preload=TAP)
+    await page.join("big")
+    joined = [f for f in await page.tap("got") if f["type"] == "joined"]
+    assert [(f["online"], f["online_count"]) for f in joined] == [(["alice"], 3)]
+    await until_online(page, "3 online")
+    await toggle_online(page)
+    await until_online(page, "3 online", ["alice [you]", "and 2 more [more]"])
+    await page.screenshot(tmp_path, "presence-partial.png")
+
+    dave = await connect(server.port, "dave")
+    await dave.join("big")  # not listed before: added
+    await until_online(page, "4 online", ["alice [you]", "dave", "and 2 more [more]"])
+    await bob.close()  # never listed: one less of the rest
+    await until_online(page, "3 online", ["alice [you]", "dave", "and 1 more [more]"])
+    await dave.close()  # listed: removed
+    await until_online(page, "2 online", ["alice [you]", "and 1 more [more]"])
+    await carol.close()
+    await until_online(page, "1 online", ["alice [you]"])
+
+
+@ensure
+async def test_unavailable_presence_shows_nothing_until_a_list_comes(server, browsers):
+    (bob,) = await in_room(server.port, "n", "bob")
+    page = await open_page(browsers, server.port, "alice", preload=TAP)
+    # The join's answer says what a server with its presence state away says.
+    await page.script(
+        "window.__tap.incoming = (frame) => frame.type === 'joined'"
+        " ? {...frame, online: null, online_count: null} : frame;"
+    )
+    await page.join("n")
+    assert (await page.script(ONLINE))[0] is None
+    dave = await connect(server.port, "dave")
+    await dave.join("n")
+
+    def event_came(driver: Any) -> Any:
+        frames = presence_frames(driver.execute_script("return window.__tap.got"), "n")
+        return [f for f in frames if f.get("user") == "dave"]
+
+    await page.until(event_came, "dave's presence event")
+    # An event alone cannot make a count: still nothing shown.
+    assert (await page.script(ONLINE))[0] is None
+    # The open room asks again (later, quietly), and shows what the answer says.
+    await until_online(page, "3 online")
+    asked = [f for f in await page.tap("sent") if f["type"] == "presence"]
+    assert [f["room"] for f in asked] == ["n"], asked
+    assert await page.call(page.driver.find_elements, By.CSS_SELECTOR, "#errors li") == []
+    await dave.close()
+    await until_online(page, "2 online")
+    await bob.close()
+
+
+@ensure
+async def test_a_burst_list_replaces_what_the_page_knew(make_server, browsers):
+    server = make_server(presence_burst=1)
+    page = await open_page(browsers, server.port, "alice", preload=TAP)
+    await page.join("b")
+    await until_online(page, "1 online")
+    # A name the page believes online though nobody is (as after a lost event);
+    # events cannot take it away, a list does.
+    await page.script(
+        "window.__tap.socket.onmessage({data: JSON.stringify("
+        "{type: 'presence', room: 'b', user: 'ghost', online: true})});"
+    )
+    await toggle_online(page)
+    await until_online(page, "2 online", ["alice [you]", "ghost"])
+
+    users = [f"m{i}" for i in range(1, 6)]
+    clients = [await connect(server.port, user) for user in users]
+    # At once: past one event a second, the rest come as one list at its end.
+    await gatherResults([Deferred.fromCoroutine(c.join("b")) for c in clients])
+    await until_online(page, "6 online", ["alice [you]", *users])
+    frames = presence_frames(await page.tap("got"), "b")
+    lists = [f for f in frames if "online_count" in f]
+    assert lists and all("ref" not in f for f in lists), frames
+    assert len([f for f in frames if "user" in f]) < 1 + len(users), frames
+    assert await page.messages("b") == []
+    for client in clients:
+        await client.close()
+    await until_online(page, "1 online", ["alice [you]"])

@@ -1738,11 +1738,10 @@ async def test_who_with_the_servers_list_cut_short(make_server):
 
 @ensure
 async def test_a_burst_of_joins_comes_as_a_list_that_prints_nothing(make_server):
-    server = make_server(presence_burst=1)
     # The server's one-second windows, on a clock of the test's: the burst is one
     # window however slowly the joins go, and its list comes when the test says.
     windows = task.Clock()
-    server.presence._clock = windows
+    server = make_server(presence_burst=1, clock=windows)
     proc = spawn_client(url(server.port), "--user", "alice", "--room", "r")
     try:
         await proc.expect(r"^\* \[r\] 1 online$")

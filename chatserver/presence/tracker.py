@@ -136,8 +136,16 @@ class PresenceTracker:
             self.announce(room, user, False, publish=watched)
 
     def _failed(self, failure: Failure, *_: object) -> None:
+        """A state command failed (Redis away, or a connection dropped with it in
+        flight): whether it was applied is unknown, so this instance's part is
+        rebuilt soon, which also sends its watchers fresh lists."""
         self.failures += 1
         self.log.debug("presence state: {error}", error=failure.getErrorMessage())
+        self._rebuild_soon()
+
+    def _rebuild_soon(self) -> None:
+        if self._retry is None or not self._retry.active():
+            self._retry = self._clock.callLater(REBUILD_RETRY, self.rebuild)
 
     def watch(self, room: str, sink: Sink) -> None:
         watchers = self._watchers.get(room)
@@ -166,8 +174,6 @@ class PresenceTracker:
     def _rebuild_failed(self, failure: Failure) -> None:
         """Redis came back for the subscriber before the publishers: try again soon."""
         self._failed(failure)
-        if self._retry is None or not self._retry.active():
-            self._retry = self._clock.callLater(REBUILD_RETRY, self.rebuild)
 
     def _rebuilt(self, _: object, held: int) -> None:
         self.rebuilds += 1

@@ -36,6 +36,18 @@
 // Typing: input in the composer sends `typing` for the open room at most once
 // per TYPING_EVERY (never for an empty field, never on send); others' `typing`
 // shows under the messages for TYPING_SHOWN, or until that user's next message.
+//
+// Presence (protocol 1.1): every join (rejoins too) asks `presence: true`. Per
+// room the page keeps `online`, the names it knows to be online, and
+// `onlineCount`, the exact count: `joined` and every list (a burst's, the one
+// after a join, the answer to a request) replace both. An event adjusts them:
+// an unknown name coming online is added (+1); a known one leaving is removed
+// (-1); an unlisted one leaving a partial list (count > names) is -1, never
+// below the names known. Null (the state unavailable), an old server or no
+// connection: unknown, and nothing is shown rather than a wrong number; the
+// open room asks again (`presence`), backing off. Only the open room shows it,
+// as "3 online" in its header, a button that opens the list ("and N more" when
+// partial). Nothing goes to the message log: arrivals are never announced.
 "use strict";
 
 (() => {
@@ -49,6 +61,9 @@
   const TYPING_EVERY = 2000; // ms between two `typing` frames of one room
   const TYPING_SHOWN = 4000; // ms "bob is typing…" stays without a new frame
   const TYPING_REF = "typing"; // no answer comes: errors only, kept quiet
+  const PRESENCE_RETRY = 5000; // ms before the open room asks again for an unknown list
+  const PRESENCE_RETRY_MAX = 60000;
+  const ONLINE_SHOWN = 200; // names rendered in the open list; the rest is "and N more"
   const FATAL = {
     4001: "Your token has expired: get a new one and reload the page.",
     4003: "You are banned from this server.",
@@ -123,6 +138,11 @@
     messages: $("messages"),
     older: $("older"),
     typing: $("typing"),
+    presence: $("presence"),
+    presenceToggle: $("presence-toggle"),
+    onlineCount: $("online-count"),
+    onlinePanel: $("online-panel"),
+    onlineList: $("online-list"),
     composer: $("composer"),
     message: $("message"),
   };
@@ -145,6 +165,7 @@
     bucket: new Bucket(),
     queue: [],
     timers: { pump: null, retry: null, ping: null, pong: null },
+    presenceFrame: null, // the open room's presence, redrawn once per animation frame
   };
 
   // --- storage (a page reload keeps the name and the rooms) -----------------
@@ -251,6 +272,12 @@
       readTimer: null,
       typingAt: -Infinity, // when our last `typing` for this room went
       typers: new Map(), // user -> timer that forgets them
+      watching: false, // joined with presence on this connection (the server has it)
+      online: null, // names known to be online, or null: unknown
+      onlineCount: null, // the exact count (>= online.size), or null
+      presenceTimer: null, // the next `presence` request, while unknown
+      presenceWait: PRESENCE_RETRY,
+      presenceAsking: false,
       log,
       item: li,
       pick,
@@ -271,6 +298,7 @@
     if (!room) return;
     app.rooms.delete(name);
     clearTimeout(room.readTimer);
+    clearTimeout(room.presenceTimer);
     for (const timer of room.typers.values()) clearTimeout(timer);
     room.log.remove();
     room.item.remove();
@@ -296,8 +324,13 @@
     updateOlder();
     scrollToBottom();
     showTyping();
+    setExpanded(false);
+    showPresence();
     const room = app.rooms.get(name);
-    if (room) noteRead(room);
+    if (room) {
+      noteRead(room);
+      askPresence(room);
+    }
   }
 
   // --- unread counts and read markers -------------------------------------------
@@ -415,6 +448,126 @@
     pump();
   }
 
+  // --- presence ------------------------------------------------------------------
+
+  // A list (joined's, a burst's, an answer): replaces what was known. Null: unknown.
+  function setOnline(room, names, count) {
+    if (Array.isArray(names) && Number.isInteger(count) && count >= 0) {
+      room.online = new Set(names.filter((n) => typeof n === "string" && NAME.test(n)));
+      room.onlineCount = Math.max(count, room.online.size);
+      room.presenceWait = PRESENCE_RETRY;
+      clearTimeout(room.presenceTimer);
+      room.presenceTimer = null;
+    } else {
+      room.online = null;
+      room.onlineCount = null;
+    }
+    presenceChanged(room);
+  }
+
+  function forgetOnline(room) {
+    room.watching = false;
+    room.presenceAsking = false;
+    clearTimeout(room.presenceTimer);
+    room.presenceTimer = null;
+    setOnline(room, null, null);
+  }
+
+  function onPresence(frame, answer) {
+    const room = app.rooms.get(frame.room);
+    if (!room || !room.watching) return; // not (yet) joined with presence on this connection
+    if (Array.isArray(frame.online) || frame.online === null) {
+      if (answer) room.presenceAsking = false;
+      setOnline(room, frame.online, frame.online_count);
+      askPresence(room); // still unknown: later
+      return;
+    }
+    const user = frame.user;
+    if (typeof frame.online !== "boolean" || typeof user !== "string" || !NAME.test(user)) return;
+    const names = room.online;
+    if (names === null) return; // nothing known to adjust: the next list says
+    if (frame.online) {
+      if (names.has(user)) return;
+      names.add(user);
+      room.onlineCount += 1;
+    } else if (names.has(user)) {
+      names.delete(user);
+      room.onlineCount = Math.max(names.size, room.onlineCount - 1);
+    } else if (room.onlineCount > names.size) {
+      room.onlineCount -= 1; // one of those the partial list left out
+    } else {
+      return; // never counted: nothing changes
+    }
+    presenceChanged(room);
+  }
+
+  // Events may come by the dozen a second: the open room is redrawn once a frame
+  // (and not at all in a hidden tab until it is shown again).
+  function presenceChanged(room) {
+    if (room.name !== app.current || app.presenceFrame !== null) return;
+    app.presenceFrame = requestAnimationFrame(() => {
+      app.presenceFrame = null;
+      showPresence();
+    });
+  }
+
+  function showPresence() {
+    const room = app.rooms.get(app.current);
+    if (!room || room.online === null) {
+      setExpanded(false);
+      ui.presence.hidden = true;
+      return;
+    }
+    ui.presence.hidden = false;
+    ui.onlineCount.textContent = `${room.onlineCount} online`;
+    if (!ui.onlinePanel.hidden) renderOnline(room);
+  }
+
+  function renderOnline(room) {
+    const names = [...room.online].sort(); // code point order, as the server sorts
+    const shown = names.slice(0, ONLINE_SHOWN);
+    const items = shown.map((name) => {
+      const li = document.createElement("li");
+      li.textContent = name;
+      if (name === app.user) li.className = "you";
+      return li;
+    });
+    const more = room.onlineCount - shown.length;
+    if (more > 0) {
+      const li = document.createElement("li");
+      li.className = "more";
+      li.textContent = shown.length ? `and ${more} more` : `${more} online, names not listed`;
+      items.push(li);
+    }
+    ui.onlineList.setAttribute("aria-label", `Online in #${room.name}`);
+    ui.onlineList.replaceChildren(...items);
+  }
+
+  function setExpanded(open) {
+    const room = app.rooms.get(app.current);
+    if (open && (!room || room.online === null)) return;
+    if (!open && ui.onlinePanel.hidden) return;
+    const focused = ui.onlinePanel.contains(document.activeElement);
+    ui.onlinePanel.hidden = !open;
+    ui.presenceToggle.setAttribute("aria-expanded", String(open));
+    if (open) renderOnline(room);
+    else if (focused) ui.presenceToggle.focus();
+  }
+
+  // Unknown (the state was unavailable): the open room asks again, backing off;
+  // rooms in the background wait until they are opened.
+  function askPresence(room) {
+    if (room.presenceTimer !== null || room.presenceAsking || !room.watching) return;
+    if (room.online !== null || room.name !== app.current || !app.online) return;
+    room.presenceTimer = setTimeout(() => {
+      room.presenceTimer = null;
+      if (app.rooms.get(room.name) !== room || !room.watching || room.online !== null) return;
+      if (room.name !== app.current || !app.online) return;
+      room.presenceAsking = true;
+      request("presence", "presence", room.name);
+    }, room.presenceWait);
+  }
+
   function updateOlder() {
     const room = app.rooms.get(app.current);
     ui.older.disabled = !room || room.phase !== "live" || room.start || room.loadingOlder;
@@ -431,7 +584,7 @@
       saveRooms();
       if (app.online) {
         setPhase(room, "joining");
-        request("join", "join", name);
+        request("join", "join", name, { presence: true });
       }
     }
     selectRoom(name);
@@ -939,7 +1092,7 @@
     for (const room of app.rooms.values()) {
       setPhase(room, "joining");
       room.held = [];
-      request("join", "join", room.name);
+      request("join", "join", room.name, { presence: true });
     }
     checkResumed();
     ping();
@@ -963,6 +1116,7 @@
       clearTimeout(room.readTimer);
       room.readTimer = null;
       for (const user of [...room.typers.keys()]) stopTyping(room, user);
+      forgetOnline(room); // stale from now on: shown again after the next joined
     }
     for (const item of app.outbox) {
       if (item.state === "sent") {
@@ -1071,6 +1225,9 @@
       case "typing":
         onTyping(frame);
         break;
+      case "presence":
+        onPresence(frame, purpose === "presence");
+        break;
       case "history":
         if (purpose) onHistory(purpose, roomName, frame);
         break;
@@ -1113,6 +1270,11 @@
     const last = typeof frame.last_id === "number" ? frame.last_id : null;
     if (Number.isInteger(frame.last_read)) room.read = Math.max(room.read, frame.last_read);
     room.readSent = 0; // what this connection has sent: nothing yet
+    // A server without presence sends neither field: nothing shown, nothing asked.
+    room.watching = "online_count" in frame;
+    room.presenceAsking = false;
+    setOnline(room, frame.online, frame.online_count);
+    askPresence(room);
     if (Number.isInteger(frame.unread)) {
       // The server's count replaces ours: it holds everything up to last_id.
       room.counted = last || 0;
@@ -1186,6 +1348,18 @@
     const code = String(frame.code);
     const message = String(frame.message);
     if (purpose === "typing") return; // best effort
+    if (purpose === "presence") {
+      // Housekeeping too: nothing shown, asked again later while it is unknown.
+      const room = app.rooms.get(name);
+      if (room) {
+        room.presenceAsking = false;
+        if (code === "unavailable" || code === "rate_limited") {
+          room.presenceWait = Math.min(room.presenceWait * 2, PRESENCE_RETRY_MAX);
+          askPresence(room);
+        }
+      }
+      return;
+    }
     if (purpose === "read") {
       // Housekeeping the user did not ask for: no error shown. A busy or failing
       // server gets the marker again later.
@@ -1295,6 +1469,19 @@
   });
 
   ui.message.addEventListener("input", sendTyping);
+
+  ui.presenceToggle.addEventListener("click", () => setExpanded(ui.onlinePanel.hidden));
+  ui.presence.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && !ui.onlinePanel.hidden) {
+      event.preventDefault();
+      setExpanded(false);
+      ui.presenceToggle.focus();
+    }
+  });
+  // A tap or click elsewhere closes the list (on a phone it covers messages).
+  document.addEventListener("click", (event) => {
+    if (!ui.onlinePanel.hidden && !ui.presence.contains(event.target)) setExpanded(false);
+  });
   window.addEventListener("resize", () => {
     if (stuck) scrollToBottom();
   });
