@@ -55,19 +55,24 @@ local function now_ms()
 end
 """
 
-# KEYS: room hash, instance set, watch set. ARGV: user, pair. {count, watchers}.
+# KEYS: room hash, instance set, watch set. ARGV: user, pair. One integer (an
+# integer reply is the cheapest to parse): 2 x instances holding the user now,
+# plus 1 if some instance watches the room.
 ENTER = """
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('SADD', KEYS[2], ARGV[2])
-return {n, redis.call('SCARD', KEYS[3])}
+return n * 2 + math.min(redis.call('SCARD', KEYS[3]), 1)
 """
 
-# The same. count -1: not held (reaped meanwhile), nothing undone.
+# The same; -1: not held (reaped meanwhile), nothing undone.
 LEAVE = """
-if redis.call('SREM', KEYS[2], ARGV[2]) == 0 then return {-1, 0} end
+if redis.call('SREM', KEYS[2], ARGV[2]) == 0 then return -1 end
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
-if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return {n, redis.call('SCARD', KEYS[3])}
+if n <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  n = 0
+end
+return n * 2 + math.min(redis.call('SCARD', KEYS[3]), 1)
 """
 
 # KEYS: watch set, instance set. ARGV: id, entry, 1 to watch or 0 to stop.
@@ -278,12 +283,14 @@ class RedisPresence:
     def enter(self, room: str, user: str) -> Deferred[tuple[bool, bool]]:
         keys = [ROOM_PREFIX + room.encode(), self._instance_key, WATCH_PREFIX + room.encode()]
         d = self._script("enter", keys, [user.encode(), _pair(room, user)])
-        return d.addCallback(lambda r: (int(r[0]) == 1, int(r[1]) > 0))
+        return d.addCallback(lambda r: (int(r) >> 1 == 1, bool(int(r) & 1)))
 
     def leave(self, room: str, user: str) -> Deferred[tuple[bool, bool]]:
         keys = [ROOM_PREFIX + room.encode(), self._instance_key, WATCH_PREFIX + room.encode()]
         d = self._script("leave", keys, [user.encode(), _pair(room, user)])
-        return d.addCallback(lambda r: (int(r[0]) == 0, int(r[1]) > 0))
+        return d.addCallback(
+            lambda r: (int(r) >= 0 and int(r) >> 1 == 0, int(r) > 0 and bool(int(r) & 1))
+        )
 
     def watch(self, room: str) -> Deferred[None]:
         return self._watch(room, b"1")
