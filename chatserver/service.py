@@ -235,12 +235,6 @@ class ChatServerService(MultiService):
     def _make_presence(self) -> PresenceState:
         if isinstance(self.broker, MemoryBroker):
             return MemoryPresence(self.broker.hub.presence)
-        if self.config.redis_cluster:
-            self.log.warn(
-                "presence with redis_cluster is per instance for now: online lists and"
-                " events cover this instance's users only"
-            )
-            return MemoryPresence({})
         from chatserver.presence.redis import RedisPresence
 
         return RedisPresence(self.broker, self.reactor, self.config.presence_timeout)

@@ -22,6 +22,17 @@ ensure = pytest_twisted.ensureDeferred
 KEY = "admin-key-for-tests-at-least-32-bytes"
 
 
+@pytest.fixture(params=["redis", "redis_cluster"])
+def shared(request: Any) -> tuple[dict[str, Any], list[str]]:
+    """Where the instances share presence: one Redis, or a Redis Cluster (the
+    settings for an instance here, and the arguments for one in a process)."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis").url
+        return {"redis_url": url}, ["--redis-url", url]
+    seeds = tuple(request.getfixturevalue("redis_cluster").seed_urls())
+    return {"redis_cluster": seeds, "redis_keepalive": 0.5}, ["--redis-cluster", seeds[0]]
+
+
 async def watch(port: int, user: str, room: str = "r") -> tuple[Any, dict[str, Any]]:
     client = await connect(port, user)
     joined = await client.request({"type": "join", "room": room, "presence": True})
@@ -132,8 +143,11 @@ async def test_presence_frames_are_checked(make_server):
 
 @pytest.mark.redis
 @ensure
-async def test_presence_across_two_instances(make_server, redis):
-    a, b = (make_server(redis_url=redis.url) for _ in range(2))
+async def test_presence_across_two_instances(make_server, shared, tmp_path):
+    a, b = (
+        make_server(database_url=f"sqlite:///{tmp_path / name}.sqlite3", **shared[0])
+        for name in ("a", "b")
+    )
     await gatherResults([s.broker.when_connected().addTimeout(15, reactor) for s in (a, b)])
     bob_b = await connect(b.port, "bob")
     await bob_b.join("r")
@@ -159,10 +173,10 @@ async def test_presence_across_two_instances(make_server, redis):
 @pytest.mark.redis
 @ensure
 async def test_a_killed_instance_has_its_users_offline_within_the_timeout(
-    make_server, redis, tmp_path
+    make_server, shared, tmp_path
 ):
     timeout = 2.0
-    here = make_server(redis_url=redis.url, presence_timeout=timeout)
+    here = make_server(presence_timeout=timeout, **shared[0])
     await here.broker.when_connected().addTimeout(15, reactor)
     other = Server()
     reactor.spawnProcess(
@@ -175,8 +189,7 @@ async def test_a_killed_instance_has_its_users_offline_within_the_timeout(
             "chatserver",
             "--listen",
             "tcp:0:interface=127.0.0.1",
-            "--redis-url",
-            redis.url,
+            *shared[1],
             "--presence-timeout",
             str(timeout),
         ],

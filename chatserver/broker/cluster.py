@@ -741,6 +741,32 @@ class RedisClusterBroker(BrokerEvents):
     def publish_control(self, payload: bytes) -> None:
         self._publish(CONTROL, payload, 0)
 
+    def command(self, key: bytes, *args: Any) -> Deferred[Any]:
+        """One command to the master that owns ``key``'s slot, following MOVED and
+        ASK: the presence state's path. Commands with keys of one slot keep their
+        order (one connection per master). Errbacks when no master takes it."""
+        return Deferred.fromCoroutine(self._command(key, args))
+
+    async def _command(self, key: bytes, args: tuple[Any, ...]) -> Any:
+        node: Node | None = None  # an ASK's target, for one try
+        for _ in range(MAX_REDIRECTS + 1):
+            link = self._links.get(node) if node is not None else self._by_slot[self._slot(key)]
+            proto = link.pub.proto if link is not None else None
+            if proto is None:
+                raise ConnectionLostError("no connection to the master of the key's slot")
+            if node is not None:
+                proto.send(encode_command((b"ASKING",)), _ignore_reply, None)
+            try:
+                return await proto.command(*args)
+            except MovedError as redirect:
+                self.moved += 1
+                self._learn(redirect)
+                node = None
+            except AskError as redirect:
+                self.asked += 1
+                node = self._redirect_node(redirect)
+        raise ConnectionLostError("redirected too many times")
+
     def _slot(self, channel: bytes) -> int:
         slot = self._slot_cache.get(channel)
         if slot is None:

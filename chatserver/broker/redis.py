@@ -323,10 +323,11 @@ class RedisBroker(BrokerEvents):
         pool = self._pub_factory.live if self._pub_factory else []
         return next((conn for conn in pool if conn.connected), None)
 
-    def command(self, *args: Any) -> Deferred[Any]:
+    def command(self, key: bytes, *args: Any) -> Deferred[Any]:
         """A command on the first live publisher connection: one connection, so the
         commands of one caller are run in the order they were sent. Fails at once
-        with ``ConnectionError`` while Redis is away."""
+        with ``ConnectionError`` while Redis is away. ``key`` (the slot a cluster
+        would route by) does not matter to one Redis."""
         conn = self._first_live()
         if conn is None:
             raise txredisapi.ConnectionError("no live Redis connection")

@@ -1,20 +1,23 @@
-"""Presence across instances in Redis: per-room hashes, per-instance sets, heartbeats.
+"""Presence across instances in Redis or a Redis Cluster: per-room keys, heartbeats.
 
-- ``presence:room:ROOM`` is a hash of user -> number of instances holding a
+Every key of a room carries the room as its hash tag, so a room's keys share
+one slot and each change of a room is one atomic Lua script on one node:
+
+- ``presence:{ROOM}:users`` hash: user -> number of instances holding a
   connection of theirs in the room. ``HLEN`` is the exact online count.
-- ``presence:instance:ID`` is the set of ``room NUL user`` pairs instance ID
-  holds, and of ``SOH room`` for the rooms it watches, so that what a dead
-  instance held can be taken back.
-- ``presence:watch:ROOM`` is the set of instances with a connection that
-  follows the room's presence: an event is published only if it is not
-  empty, so rooms nobody watches cost no messages.
-- ``presence:instances`` is a sorted set of instance ID -> its last heartbeat,
-  in Redis' own clock (``TIME``), so the instances' clocks need not agree.
+- ``presence:{ROOM}:watch`` set: the instances with a connection that
+  follows the room's presence. Events are published only if it is not empty,
+  so rooms nobody watches cost no messages.
+- ``presence:{ROOM}:of:ID`` set: the users instance ID holds in the room, so
+  what a dead instance held can be taken back.
 
-Every change is one Lua script, atomic in Redis: a join or a leave is one
-command whatever the room's size. Every instance sweeps for instances whose
-heartbeat is older than ``presence_timeout`` and reaps them (the reap is
-atomic, so one instance reaps each), reporting the users that went offline.
+Beside them, ``presence:instance:ID`` is the set of rooms instance ID has
+keys in, and ``presence:instances`` a sorted set of instance ID -> its last
+heartbeat, stamped with Redis' own clock (``TIME``), so the instances' clocks
+need not agree. A join or leave is one script; every instance sweeps for
+instances whose heartbeat is older than ``presence_timeout``, claims one with
+``SET NX`` (so one instance reaps it) and takes back room by room what it
+held, reporting the users that went offline.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -34,39 +37,31 @@ from chatserver.presence import ChangesHandler, PresenceUnavailable
 
 log = Logger()
 
-ROOM_PREFIX = b"presence:room:"
 INSTANCE_PREFIX = b"presence:instance:"
 INSTANCES = b"presence:instances"
-WATCH_PREFIX = b"presence:watch:"
+REAPING_PREFIX = b"presence:reaping:"
 SWEEP_INTERVAL = 1.0
-REAP_PER_SWEEP = 10  # dead instances reaped per sweep (each is one script)
+REAP_PER_SWEEP = 10  # dead instances looked at per sweep
+REAP_CLAIM_SECONDS = 60  # a reaper that dies lets another claim after this
 
-_SPLIT = """
-local function split(p)
-  local sep = string.find(p, '\\0', 1, true)
-  return string.sub(p, 1, sep - 1), string.sub(p, sep + 1)
-end
-local function is_watch(p)
-  return string.byte(p, 1) == 1
-end
+_NOW = """
 local function now_ms()
   local t = redis.call('TIME')
   return t[1] * 1000 + math.floor(t[2] / 1000)
 end
 """
 
-# KEYS: room hash, instance set, watch set. ARGV: user, pair. One integer (an
-# integer reply is the cheapest to parse): 2 x instances holding the user now,
-# plus 1 if some instance watches the room.
+# KEYS: users, of:ID, watch. ARGV: user. One integer (the cheapest reply to
+# parse): 2 x instances holding the user now, plus 1 if someone watches the room.
 ENTER = """
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
 return n * 2 + math.min(redis.call('SCARD', KEYS[3]), 1)
 """
 
 # The same; -1: not held (reaped meanwhile), nothing undone.
 LEAVE = """
-if redis.call('SREM', KEYS[2], ARGV[2]) == 0 then return -1 end
+if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return -1 end
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
 if n <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -75,19 +70,7 @@ end
 return n * 2 + math.min(redis.call('SCARD', KEYS[3]), 1)
 """
 
-# KEYS: watch set, instance set. ARGV: id, entry, 1 to watch or 0 to stop.
-WATCH = """
-if ARGV[3] == '1' then
-  redis.call('SADD', KEYS[1], ARGV[1])
-  redis.call('SADD', KEYS[2], ARGV[2])
-else
-  redis.call('SREM', KEYS[1], ARGV[1])
-  redis.call('SREM', KEYS[2], ARGV[2])
-end
-return 1
-"""
-
-# KEYS: room hash. ARGV: limit. {count, names}: HSCAN stops once it has enough.
+# KEYS: users. ARGV: limit. {count, names}: HSCAN stops once it has enough.
 ONLINE = """
 local n = redis.call('HLEN', KEYS[1])
 local names = {}
@@ -107,7 +90,7 @@ return {n, names}
 
 # KEYS: instances. ARGV: id. 1 if the id was missing (reaped, or Redis restarted).
 HEARTBEAT = (
-    _SPLIT
+    _NOW
     + """
 return redis.call('ZADD', KEYS[1], now_ms(), ARGV[1])
 """
@@ -115,7 +98,7 @@ return redis.call('ZADD', KEYS[1], now_ms(), ARGV[1])
 
 # KEYS: instances. ARGV: timeout ms, own id, limit. The ids past the timeout.
 SWEEP = (
-    _SPLIT
+    _NOW
     + """
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]),
                         'LIMIT', 0, tonumber(ARGV[3]))
@@ -127,101 +110,73 @@ return out
 """
 )
 
-# KEYS: instances, its set. ARGV: id, room prefix, watch prefix. The pairs that
-# went offline.
-REAP = (
-    _SPLIT
-    + """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return {} end
+# KEYS: users, of:ID, watch. ARGV: id. The users of the room that went offline.
+REAP_ROOM = """
 local gone = {}
-for _, p in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if is_watch(p) then
-    redis.call('SREM', ARGV[3] .. string.sub(p, 2), ARGV[1])
-  else
-    local room, user = split(p)
-    local key = ARGV[2] .. room
-    local n = redis.call('HINCRBY', key, user, -1)
-    if n <= 0 then
-      redis.call('HDEL', key, user)
-      gone[#gone + 1] = p
-    end
+for _, user in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local n = redis.call('HINCRBY', KEYS[1], user, -1)
+  if n <= 0 then
+    redis.call('HDEL', KEYS[1], user)
+    gone[#gone + 1] = user
   end
 end
 redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
 return gone
 """
-)
 
-# KEYS: instances, own set. ARGV: id, room prefix, watch prefix, entries held...
-# Changes, each '1' or '0' (online or offline) followed by its pair.
-REBUILD = (
-    _SPLIT
-    + """
+# KEYS: users, of:ID, watch. ARGV: id, 1 if watching or 0, users held...
+# This instance's part of the room made what it holds now. Changes: '1' or
+# '0' (online or offline) followed by the user.
+REBUILD_ROOM = """
 local want = {}
-for i = 4, #ARGV do want[ARGV[i]] = true end
-local had = {}
-for _, p in ipairs(redis.call('SMEMBERS', KEYS[2])) do had[p] = true end
+for i = 3, #ARGV do want[ARGV[i]] = true end
 local changes = {}
-for p in pairs(had) do
-  if not want[p] and is_watch(p) then
-    redis.call('SREM', ARGV[3] .. string.sub(p, 2), ARGV[1])
-    redis.call('SREM', KEYS[2], p)
-  elseif not want[p] then
-    local room, user = split(p)
-    local key = ARGV[2] .. room
-    local n = redis.call('HINCRBY', key, user, -1)
+for _, user in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if want[user] then
+    want[user] = nil
+  else
+    redis.call('SREM', KEYS[2], user)
+    local n = redis.call('HINCRBY', KEYS[1], user, -1)
     if n <= 0 then
-      redis.call('HDEL', key, user)
-      changes[#changes + 1] = '0' .. p
+      redis.call('HDEL', KEYS[1], user)
+      changes[#changes + 1] = '0' .. user
     end
-    redis.call('SREM', KEYS[2], p)
   end
 end
-for p in pairs(want) do
-  if not had[p] and is_watch(p) then
-    redis.call('SADD', ARGV[3] .. string.sub(p, 2), ARGV[1])
-    redis.call('SADD', KEYS[2], p)
-  elseif not had[p] then
-    local room, user = split(p)
-    if redis.call('HINCRBY', ARGV[2] .. room, user, 1) == 1 then
-      changes[#changes + 1] = '1' .. p
-    end
-    redis.call('SADD', KEYS[2], p)
+for user in pairs(want) do
+  redis.call('SADD', KEYS[2], user)
+  if redis.call('HINCRBY', KEYS[1], user, 1) == 1 then
+    changes[#changes + 1] = '1' .. user
   end
 end
-redis.call('ZADD', KEYS[1], now_ms(), ARGV[1])
+if ARGV[2] == '1' then
+  redis.call('SADD', KEYS[3], ARGV[1])
+else
+  redis.call('SREM', KEYS[3], ARGV[1])
+end
 return changes
 """
-)
-
 
 SCRIPTS = {
     "enter": ENTER,
     "leave": LEAVE,
-    "watch": WATCH,
     "online": ONLINE,
     "heartbeat": HEARTBEAT,
     "sweep": SWEEP,
-    "reap": REAP,
-    "rebuild": REBUILD,
+    "reap_room": REAP_ROOM,
+    "rebuild_room": REBUILD_ROOM,
 }
 
 
-def _pair(room: str, user: str) -> bytes:
-    return room.encode() + b"\0" + user.encode()
-
-
-def _watch_entry(room: str) -> bytes:
-    return b"\x01" + room.encode()
-
-
-def _unpair(pair: bytes) -> tuple[str, str]:
-    room, _, user = pair.partition(b"\0")
-    return room.decode(), user.decode()
+def _room_keys(room: str, instance: bytes) -> list[bytes]:
+    tag = b"presence:{" + room.encode() + b"}:"
+    return [tag + b"users", tag + b"of:" + instance, tag + b"watch"]
 
 
 class RedisPresence:
-    """The presence state on the broker's Redis (``RedisBroker.command``)."""
+    """The presence state through the broker's keyed commands (``command(key, ...)``:
+    one Redis, or the master of the key's slot in a cluster)."""
 
     def __init__(self, broker: Any, clock: IReactorTime, timeout: float) -> None:
         self._broker = broker
@@ -233,41 +188,55 @@ class RedisPresence:
             name: hashlib.sha1(text.encode()).hexdigest().encode() for name, text in SCRIPTS.items()
         }
         self._on_changes: ChangesHandler = lambda changes: None
+        self._on_lost: Callable[[], object] = lambda: None
         self._heartbeat = LoopingCall(self._beat)
         self._heartbeat.clock = clock
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = clock
-        self._on_lost: Callable[[], object] = lambda: None
+        self._rooms: set[str] = set()  # rooms listed under this instance's key
         self.commands = 0
         self.reaped = 0  # instances this one reaped
 
     # -- commands ---------------------------------------------------------------
 
     def _script(self, name: str, keys: list[bytes], args: list[Any]) -> Deferred[Any]:
-        """EVALSHA, and EVAL once Redis says it does not know the script (a restart)."""
-        self.commands += 1
-        d = self._command(b"EVALSHA", self._shas[name], len(keys), *keys, *args)
+        """EVALSHA, and EVAL once Redis says it does not know the script (a
+        restart, or a cluster node that never ran it)."""
+        d = self._command(keys[0], b"EVALSHA", self._shas[name], len(keys), *keys, *args)
 
         def unknown(failure: Failure) -> Any:
             if "NOSCRIPT" not in failure.getErrorMessage():
                 return failure
-            self.commands += 1
-            return self._command(b"EVAL", SCRIPTS[name], len(keys), *keys, *args)
+            return self._command(keys[0], b"EVAL", SCRIPTS[name], len(keys), *keys, *args)
 
         return d.addErrback(unknown)
 
-    def _command(self, *args: Any) -> Deferred[Any]:
+    def _command(self, key: bytes, *args: Any) -> Deferred[Any]:
+        self.commands += 1
         try:
-            d = self._broker.command(*args)
+            d = self._broker.command(key, *args)
         except Exception as e:
             return fail(PresenceUnavailable(str(e)))
 
         def checked(reply: Any) -> Any:
-            if isinstance(reply, Exception):  # an error reply, as the fast path gives it
+            if isinstance(reply, Exception):  # an error reply, as a fast path gives it
                 raise reply
             return reply
 
         return d.addCallback(checked)
+
+    def _listed(self, room: str) -> Deferred[Any]:
+        """The room goes under this instance's key (once), so a reaper finds it."""
+        if room in self._rooms:
+            return succeed(None)
+        self._rooms.add(room)
+        d = self._command(self._instance_key, b"SADD", self._instance_key, room.encode())
+
+        def failed(failure: Failure) -> Failure:
+            self._rooms.discard(room)
+            return failure
+
+        return d.addErrback(failed)
 
     # -- the state ----------------------------------------------------------------
 
@@ -281,30 +250,33 @@ class RedisPresence:
         log.failure("presence: a timer loop stopped", failure)
 
     def enter(self, room: str, user: str) -> Deferred[tuple[bool, bool]]:
-        keys = [ROOM_PREFIX + room.encode(), self._instance_key, WATCH_PREFIX + room.encode()]
-        d = self._script("enter", keys, [user.encode(), _pair(room, user)])
-        return d.addCallback(lambda r: (int(r) >> 1 == 1, bool(int(r) & 1)))
+        # Both sent now, in this order (an ``online`` asked next must come after
+        # the enter); a failed listing fails the enter too: the caller rebuilds.
+        listed = self._listed(room)
+        d = self._script("enter", _room_keys(room, self.instance), [user.encode()])
+        both = gatherResults([listed, d], consumeErrors=True)
+        return both.addCallback(lambda r: (int(r[1]) >> 1 == 1, bool(int(r[1]) & 1)))
 
     def leave(self, room: str, user: str) -> Deferred[tuple[bool, bool]]:
-        keys = [ROOM_PREFIX + room.encode(), self._instance_key, WATCH_PREFIX + room.encode()]
-        d = self._script("leave", keys, [user.encode(), _pair(room, user)])
+        d = self._script("leave", _room_keys(room, self.instance), [user.encode()])
         return d.addCallback(
             lambda r: (int(r) >= 0 and int(r) >> 1 == 0, int(r) > 0 and bool(int(r) & 1))
         )
 
     def watch(self, room: str) -> Deferred[None]:
-        return self._watch(room, b"1")
+        return self._watch(room, b"SADD")
 
     def unwatch(self, room: str) -> Deferred[None]:
-        return self._watch(room, b"0")
+        return self._watch(room, b"SREM")
 
-    def _watch(self, room: str, on: bytes) -> Deferred[None]:
-        keys = [WATCH_PREFIX + room.encode(), self._instance_key]
-        d = self._script("watch", keys, [self.instance, _watch_entry(room), on])
-        return d.addCallback(lambda _: None)
+    def _watch(self, room: str, verb: bytes) -> Deferred[None]:
+        listed = self._listed(room) if verb == b"SADD" else succeed(None)
+        watch_key = _room_keys(room, self.instance)[2]
+        d = self._command(watch_key, verb, watch_key, self.instance)
+        return gatherResults([listed, d], consumeErrors=True).addCallback(lambda _: None)
 
     def online(self, room: str, limit: int) -> Deferred[tuple[list[str], int]]:
-        d = self._script("online", [ROOM_PREFIX + room.encode()], [limit])
+        d = self._script("online", _room_keys(room, self.instance)[:1], [limit])
 
         def parsed(reply: list[Any]) -> tuple[list[str], int]:
             count, names = reply
@@ -313,27 +285,45 @@ class RedisPresence:
         return d.addCallback(parsed)
 
     def rebuild(self, held: set[tuple[str, str]], watched: set[str]) -> Deferred[None]:
-        entries = [_pair(room, user) for room, user in held]
-        entries += [_watch_entry(room) for room in watched]
-        d = self._script(
-            "rebuild",
-            [INSTANCES, self._instance_key],
-            [self.instance, ROOM_PREFIX, WATCH_PREFIX, *entries],
-        )
+        return Deferred.fromCoroutine(self._rebuild(held, watched))
 
-        def changed(reply: list[bytes]) -> None:
-            changes = [(*_unpair(c[1:]), c[:1] == b"1") for c in reply]  # '1'/'0' + pair
-            if changes:
-                self._on_changes(changes)
-
-        return d.addCallback(changed)
+    async def _rebuild(self, held: set[tuple[str, str]], watched: set[str]) -> None:
+        """Room by room: the rooms held now, and those listed under our key before
+        (whose part may have to go). Then the listing, then the heartbeat."""
+        users: dict[str, list[bytes]] = {}
+        for room, user in held:
+            users.setdefault(room, []).append(user.encode())
+        listed = await self._command(self._instance_key, b"SMEMBERS", self._instance_key)
+        rooms = {r.decode() for r in listed} | set(users) | watched
+        changes: list[tuple[str, str, bool]] = []
+        for room in sorted(rooms):
+            on = b"1" if room in watched else b"0"
+            reply = await self._script(
+                "rebuild_room",
+                _room_keys(room, self.instance),
+                [self.instance, on, *users.get(room, [])],
+            )
+            changes += [(room, c[1:].decode(), c[:1] == b"1") for c in reply]
+        keep = set(users) | watched
+        await self._command(self._instance_key, b"DEL", self._instance_key)
+        if keep:
+            await self._command(
+                self._instance_key,
+                b"SADD",
+                self._instance_key,
+                *(room.encode() for room in sorted(keep)),
+            )
+        self._rooms = keep
+        await self._script("heartbeat", [INSTANCES], [self.instance])
+        if changes:
+            self._on_changes(changes)
 
     # -- liveness -----------------------------------------------------------------
 
     def _beat(self) -> Deferred[None]:
         d = self._script("heartbeat", [INSTANCES], [self.instance])
 
-        def beaten(missing: Any) -> Any:
+        def beaten(missing: Any) -> None:
             if int(missing):
                 # Our entry was gone: Redis restarted, or others reaped us while
                 # our heartbeats did not arrive. Our users are ours again.
@@ -353,9 +343,22 @@ class RedisPresence:
         return d.addErrback(self._quiet, "sweep")
 
     async def reap(self, instance: bytes) -> None:
-        gone = await self._script(
-            "reap", [INSTANCES, INSTANCE_PREFIX + instance], [instance, ROOM_PREFIX, WATCH_PREFIX]
+        """Take back what ``instance`` held, if this one claims it first."""
+        claim = REAPING_PREFIX + instance
+        claimed = await self._command(
+            claim, b"SET", claim, self.instance, b"NX", b"EX", REAP_CLAIM_SECONDS
         )
+        if claimed is None:
+            return  # another instance reaps it
+        key = INSTANCE_PREFIX + instance
+        rooms = await self._command(key, b"SMEMBERS", key)
+        gone: list[tuple[str, str, bool]] = []
+        for room in sorted(r.decode() for r in rooms):
+            users = await self._script("reap_room", _room_keys(room, instance), [instance])
+            gone += [(room, user.decode(), False) for user in users]
+        await self._command(key, b"DEL", key)
+        await self._command(INSTANCES, b"ZREM", INSTANCES, instance)
+        await self._command(claim, b"DEL", claim)
         if instance != self.instance:
             self.reaped += 1
             log.info(
@@ -364,7 +367,7 @@ class RedisPresence:
                 count=len(gone),
             )
         if gone:
-            self._on_changes([(*_unpair(p), False) for p in gone])
+            self._on_changes(gone)
 
     def _quiet(self, failure: Failure, what: str) -> None:
         # Redis away: the broker logs that; the rebuild after it fixes the state.
