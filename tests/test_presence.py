@@ -149,16 +149,17 @@ async def test_presence_across_two_instances(make_server, shared, tmp_path):
         for name in ("a", "b")
     )
     await gatherResults([s.broker.when_connected().addTimeout(15, reactor) for s in (a, b)])
-    bob_b = await connect(b.port, "bob")
-    await bob_b.join("r")
+    # Two instances' commands reach Redis on two connections, in no set order:
+    # a presence join is answered after its user is counted, so what follows
+    # each step is decided (a version 1 join is counted a moment later).
+    bob_b, _ = await watch(b.port, "bob")
     alice, joined = await watch(a.port, "alice")
     assert (joined["online"], joined["online_count"]) == (["alice", "bob"], 2)
     carol, joined = await watch(b.port, "carol")
     assert joined["online_count"] == 3
     assert await next_event(alice) == event("carol", True)
     # bob on both instances: offline only when both connections are gone.
-    bob_a = await connect(a.port, "bob")
-    await bob_a.join("r")
+    bob_a, _ = await watch(a.port, "bob")
     await bob_b.close()
     answer = await alice.request({"type": "presence", "room": "r"})
     assert answer["online"] == ["alice", "bob", "carol"]
@@ -321,3 +322,25 @@ async def test_a_room_joining_in_a_burst_converges_without_a_storm(make_server, 
     for group in joined_clients:
         for client in group:
             await client.close()
+
+
+@pytest.mark.redis
+@ensure
+async def test_a_join_during_a_rebuild_is_counted_once(make_server, redis):
+    """A rebuild reads each room's users as it sends that room's script, on the
+    connection the joins use: a join sent before the script is in it, one sent
+    after applies after it. (Read once at the rebuild's start, the users joined
+    while it waited for its first reply were taken out again.)"""
+    server = make_server(redis_url=redis.url)
+    await server.broker.when_connected().addTimeout(15, reactor)
+    await server.presence.rebuild()
+    first = [await watch(server.port, f"u{i}") for i in range(3)]
+    tracker = server.presence
+    rebuilt = tracker.rebuild()  # sends its first command and waits for the reply
+    joined = tracker.entered("r", "late")  # a join handled meanwhile
+    await gatherResults([rebuilt, joined])
+    _, count = await tracker.online("r")
+    assert count == len(first) + 1
+    assert redis.command("HGET", "presence:{r}:users", "late") == "1"
+    assert sorted(set(redis.command("HVALS", "presence:{r}:users"))) == ["1"]
+    tracker.left("r", "late")

@@ -21,6 +21,18 @@ from twisted.internet.defer import Deferred
 ChangesHandler = Callable[[list[tuple[str, str, bool]]], None]
 
 
+class Held(Protocol):
+    """What this instance holds now: read at the moment each room is rebuilt, so
+    that joins and leaves sent meanwhile are neither lost nor counted twice."""
+
+    def rooms(self) -> set[str]:
+        """Rooms where this instance holds a user or has a watcher."""
+
+    def users_in(self, room: str) -> list[str]: ...
+
+    def watches(self, room: str) -> bool: ...
+
+
 class PresenceUnavailable(Exception):
     """The presence state can't be read or changed now (its Redis is away)."""
 
@@ -51,9 +63,9 @@ class PresenceState(Protocol):
         """Up to ``limit`` users online in ``room`` (sorted), and how many there are.
         Ordered after every ``enter`` and ``leave`` asked before it."""
 
-    def rebuild(self, held: set[tuple[str, str]], watched: set[str]) -> Deferred[None]:
-        """After an outage: make this instance's part of the state ``held`` (and the
-        rooms it watches) again; users who came or went meanwhile go to ``on_changes``."""
+    def rebuild(self, held: Held) -> Deferred[None]:
+        """After an outage: make this instance's part of the state what it ``held``s
+        again; users who came or went meanwhile go to ``on_changes``."""
 
     def stop(self) -> Deferred[None]:
         """Say goodbye: this instance's users leave the state at once."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
-from chatserver.presence import ChangesHandler
+from chatserver.presence import ChangesHandler, Held
 
 
 class MemoryPresence:
@@ -67,7 +67,7 @@ class MemoryPresence:
         users = self._counts.get(room, {})
         return succeed((sorted(users)[:limit], len(users)))
 
-    def rebuild(self, held: set[tuple[str, str]], watched: set[str]) -> Deferred[None]:
+    def rebuild(self, held: Held) -> Deferred[None]:
         return succeed(None)  # nothing here is ever lost
 
     def stop(self) -> Deferred[None]:

@@ -22,7 +22,6 @@ held, reporting the users that went offline.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +32,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatserver.presence import ChangesHandler, PresenceUnavailable
+from chatserver.presence import ChangesHandler, Held, PresenceUnavailable
 
 log = Logger()
 
@@ -184,9 +183,6 @@ class RedisPresence:
         self._timeout = timeout
         self.instance = os.urandom(8).hex().encode()
         self._instance_key = INSTANCE_PREFIX + self.instance
-        self._shas = {
-            name: hashlib.sha1(text.encode()).hexdigest().encode() for name, text in SCRIPTS.items()
-        }
         self._on_changes: ChangesHandler = lambda changes: None
         self._on_lost: Callable[[], object] = lambda: None
         self._heartbeat = LoopingCall(self._beat)
@@ -200,16 +196,12 @@ class RedisPresence:
     # -- commands ---------------------------------------------------------------
 
     def _script(self, name: str, keys: list[bytes], args: list[Any]) -> Deferred[Any]:
-        """EVALSHA, and EVAL once Redis says it does not know the script (a
-        restart, or a cluster node that never ran it)."""
-        d = self._command(keys[0], b"EVALSHA", self._shas[name], len(keys), *keys, *args)
-
-        def unknown(failure: Failure) -> Any:
-            if "NOSCRIPT" not in failure.getErrorMessage():
-                return failure
-            return self._command(keys[0], b"EVAL", SCRIPTS[name], len(keys), *keys, *args)
-
-        return d.addErrback(unknown)
+        """EVAL with the script's text every time, not EVALSHA: an EVALSHA that
+        meets NOSCRIPT (a restarted node, a cluster node that never ran it) is
+        sent again later, behind commands sent after it, and presence depends on
+        its commands running in the order they were sent. Redis keeps each
+        script compiled by its hash, so the text costs only its bytes."""
+        return self._command(keys[0], b"EVAL", SCRIPTS[name], len(keys), *keys, *args)
 
     def _command(self, key: bytes, *args: Any) -> Deferred[Any]:
         self.commands += 1
@@ -284,36 +276,37 @@ class RedisPresence:
 
         return d.addCallback(parsed)
 
-    def rebuild(self, held: set[tuple[str, str]], watched: set[str]) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._rebuild(held, watched))
+    def rebuild(self, held: Held) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._rebuild(held))
 
-    async def _rebuild(self, held: set[tuple[str, str]], watched: set[str]) -> None:
+    async def _rebuild(self, held: Held) -> None:
         """Room by room: the rooms held now, and those listed under our key before
-        (whose part may have to go). Then the listing, then the heartbeat."""
-        users: dict[str, list[bytes]] = {}
-        for room, user in held:
-            users.setdefault(room, []).append(user.encode())
+        (whose part may have to go). Each room's users are read from ``held`` as
+        its script is sent: joins and leaves sent before it are in it, and those
+        sent after it (on the same connection) apply after it."""
         listed = await self._command(self._instance_key, b"SMEMBERS", self._instance_key)
-        rooms = {r.decode() for r in listed} | set(users) | watched
         changes: list[tuple[str, str, bool]] = []
-        for room in sorted(rooms):
-            on = b"1" if room in watched else b"0"
+        for room in sorted({r.decode() for r in listed} | held.rooms()):
+            users = [user.encode() for user in held.users_in(room)]
+            on = b"1" if held.watches(room) else b"0"
             reply = await self._script(
-                "rebuild_room",
-                _room_keys(room, self.instance),
-                [self.instance, on, *users.get(room, [])],
+                "rebuild_room", _room_keys(room, self.instance), [self.instance, on, *users]
             )
             changes += [(room, c[1:].decode(), c[:1] == b"1") for c in reply]
-        keep = set(users) | watched
-        await self._command(self._instance_key, b"DEL", self._instance_key)
+        # The listing: rooms let go of leave it; those held now are in it (a room
+        # listed meanwhile by a join stays, as it is held).
+        keep = held.rooms()
+        gone = sorted(r for r in (r.decode() for r in listed) if r not in keep)
+        self._rooms.difference_update(gone)  # a join from now on lists its room again
+        if gone:
+            await self._command(
+                self._instance_key, b"SREM", self._instance_key, *(r.encode() for r in gone)
+            )
         if keep:
             await self._command(
-                self._instance_key,
-                b"SADD",
-                self._instance_key,
-                *(room.encode() for room in sorted(keep)),
+                self._instance_key, b"SADD", self._instance_key, *(r.encode() for r in sorted(keep))
             )
-        self._rooms = keep
+        self._rooms = keep | self._rooms
         await self._script("heartbeat", [INSTANCES], [self.instance])
         if changes:
             self._on_changes(changes)

@@ -167,17 +167,16 @@ class PresenceTracker:
 
     def rebuild(self) -> Deferred[None]:
         """The broker is back after an outage: our part of the state is made true again."""
-        held = {(room, user) for room, users in self._local.items() for user in users}
-        d = self.state.rebuild(held, set(self._watchers))
-        return d.addCallbacks(self._rebuilt, self._rebuild_failed, (len(held),))
+        d = self.state.rebuild(self)
+        return d.addCallbacks(self._rebuilt, self._rebuild_failed)
 
     def _rebuild_failed(self, failure: Failure) -> None:
         """Redis came back for the subscriber before the publishers: try again soon."""
         self._failed(failure)
 
-    def _rebuilt(self, _: object, held: int) -> None:
+    def _rebuilt(self, _: object) -> None:
         self.rebuilds += 1
-        self.log.info("presence: state rebuilt, {held} users held here", held=held)
+        self.log.info("presence: state rebuilt, {held} users held here", held=self.local_users)
         # Events published while the broker was away never reached our watchers:
         # each watched room gets its list afresh.
         for room in list(self._watchers):
@@ -295,6 +294,17 @@ class PresenceTracker:
             for to, unless in asked:
                 if to in watchers and result != unless:
                     self._delivery.to_connection(to, frame)
+
+    # -- what this instance holds (``Held``, for a rebuild) ---------------------------
+
+    def rooms(self) -> set[str]:
+        return set(self._local) | set(self._watchers)
+
+    def users_in(self, room: str) -> list[str]:
+        return list(self._local.get(room, ()))
+
+    def watches(self, room: str) -> bool:
+        return room in self._watchers
 
     # -- metrics --------------------------------------------------------------------
 
