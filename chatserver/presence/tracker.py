@@ -88,6 +88,7 @@ class PresenceTracker:
         self.rebuilds = 0
         self._rebuild_waiters: list[Deferred[None]] = []
         self._retry: IDelayedCall | None = None
+        self._stopped = False
 
     # -- what the core tells it ---------------------------------------------------
 
@@ -96,6 +97,7 @@ class PresenceTracker:
 
     def stop(self) -> Deferred[None]:
         """Timers off; this instance's users leave the state at once (goodbye)."""
+        self._stopped = True
         for call in [self._retry, *(w.flush for w in self._windows.values())]:
             if call is not None and call.active():
                 call.cancel()
@@ -144,6 +146,8 @@ class PresenceTracker:
         self._rebuild_soon()
 
     def _rebuild_soon(self) -> None:
+        if self._stopped:
+            return  # commands failing as the broker closes: nothing to rebuild for
         if self._retry is None or not self._retry.active():
             self._retry = self._clock.callLater(REBUILD_RETRY, self.rebuild)
 
