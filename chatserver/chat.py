@@ -11,7 +11,6 @@ behind Redis. The path of a ``send`` reads top to bottom: ``handle`` ->
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -120,8 +119,8 @@ class Chat:
         self.typing_relayed = 0
         self.typing_dropped = 0
         self.reads_stored = 0  # read markers moved forward
-        # Names this instance on the control channel: it applies its own at once.
-        self._origin = os.urandom(8).hex()
+        # This instance on the control channel: it applies its own at once.
+        self._origin = registry.origin.decode()
         registry.sinks_of = self._sinks_of
         self.frames = 0
         self.sends = 0

@@ -57,6 +57,7 @@ def split_payload(payload: bytes) -> tuple[int, bytes]:
 # store. Its head is this mark, the publishing instance (which delivered it
 # already and skips its own echo) and the sender's name (whose connections it skips).
 RELAY = b"~"
+RELAY_HEAD = RELAY + b" "
 
 
 def relay_payload(origin: bytes, user: str, frame: bytes) -> bytes:
@@ -65,6 +66,7 @@ def relay_payload(origin: bytes, user: str, frame: bytes) -> bytes:
 
 # A presence event, for the room's watchers (not its members): no id either.
 ANNOUNCE = b"^"
+ANNOUNCE_HEAD = ANNOUNCE + b" "
 
 
 def _nobody_watches(room: str, frame: bytes) -> None:
@@ -95,7 +97,9 @@ class RoomRegistry:
         self.gap_fills = 0
         self.dropped_broker_frames = 0
         self.relayed = 0  # relay frames written to local members
-        self._origin = os.urandom(8).hex().encode()
+        # Names this instance in what it publishes with no id (and on the control
+        # channel), so that it skips its own echo.
+        self.origin = os.urandom(8).hex().encode()
         # The connections of a user here, whom a relay of theirs skips (set by the core).
         self.sinks_of: Callable[[str], Collection[Sink]] = _no_sinks
         # Takes presence events to the room's watchers here (set by the presence tracker).
@@ -189,14 +193,14 @@ class RoomRegistry:
         """A frame for the other members of ``room`` (not ``user``'s connections)
         on every instance, with no id: it is not stored and never filled."""
         self._relay_here(room, user, frame)
-        self._broker.publish(room, relay_payload(self._origin, user, frame))
+        self._broker.publish(room, relay_payload(self.origin, user, frame))
 
     def announce(self, room: str, frame: bytes, publish: bool = True) -> None:
         """A presence event: to the watchers of ``room`` here and, with ``publish``,
         on every instance that hosts it (whether or not this one does)."""
         self.on_presence(room, frame)
         if publish:
-            self._broker.publish_in_order(room, b"%s %s %s" % (ANNOUNCE, self._origin, frame))
+            self._broker.publish_in_order(room, b"%s %s %s" % (ANNOUNCE, self.origin, frame))
 
     def _relay_here(self, name: str, user: str, frame: bytes) -> None:
         room = self.rooms.get(name)
@@ -210,18 +214,20 @@ class RoomRegistry:
                 self.relayed += 1
 
     def on_broker_message(self, room: str, payload: bytes) -> None:
-        if payload[:2] == ANNOUNCE + b" ":
+        if payload.startswith(ANNOUNCE_HEAD):
             origin, _, frame = payload[2:].partition(b" ")
-            if origin != self._origin and frame:
+            if not frame:
+                self.dropped_broker_frames += 1
+            elif origin != self.origin:
                 self.on_presence(room, frame)
             return
-        if payload[:2] == RELAY + b" ":
+        if payload.startswith(RELAY_HEAD):
             try:
                 origin, user, frame = payload[2:].split(b" ", 2)
             except ValueError:
                 self.dropped_broker_frames += 1
                 return
-            if origin != self._origin:
+            if origin != self.origin:
                 self._relay_here(room, user.decode("utf-8", "replace"), frame)
             return
         try:

@@ -344,3 +344,36 @@ async def test_a_join_during_a_rebuild_is_counted_once(make_server, redis):
     assert redis.command("HGET", "presence:{r}:users", "late") == "1"
     assert sorted(set(redis.command("HVALS", "presence:{r}:users"))) == ["1"]
     tracker.left("r", "late")
+
+
+@pytest.mark.redis
+@ensure
+async def test_presence_degrades_while_redis_is_away_and_recovers_by_itself(make_server, redis):
+    from test_operations import broker_event
+
+    server = make_server(redis_url=redis.url, redis_keepalive=0.2, admin_api_key=KEY)
+    await server.broker.when_connected().addTimeout(15, reactor)
+    bob = await connect(server.port, "bob")
+    await bob.join("r")
+    carol, joined = await watch(server.port, "carol")
+    assert joined["online_count"] == 2
+    lost = broker_event(server, "lost")
+    redis.kill()
+    await lost.addTimeout(15, reactor)
+    # Chat goes on; presence says it cannot answer, not something wrong.
+    alice, joined = await watch(server.port, "alice")
+    assert (joined["online"], joined["online_count"]) == (None, None)
+    got = await alice.request({"type": "presence", "room": "r"})
+    assert (got["type"], got["code"]) == ("error", "unavailable")
+    status, body = await http_json(server.port, "GET", "/admin/rooms/r/presence", key=KEY)
+    assert status == 503 and "unavailable" in body["error"]
+    sent = await alice.request({"type": "send", "room": "r", "body": "still here"})
+    assert sent["type"] == "ack"
+    # Back: the instance writes its part again and its watchers get fresh lists.
+    rebuilt = server.presence.when_rebuilt()
+    redis.restart()
+    await rebuilt.addTimeout(30, reactor)
+    for client in (alice, carol):
+        while "online_count" not in (got := await next_presence(client)):
+            pass
+        assert (got["online"], got["online_count"]) == (["alice", "bob", "carol"], 3)

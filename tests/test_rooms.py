@@ -11,7 +11,7 @@ from wsclient import server_frame_payloads
 from chatserver import wire
 from chatserver.broker.memory import MemoryBroker, MemoryHub
 from chatserver.delivery import Delivery
-from chatserver.rooms import RoomRegistry, broker_payload
+from chatserver.rooms import RoomRegistry, broker_payload, relay_payload
 from chatserver.store import StoredMessage
 
 
@@ -158,3 +158,28 @@ def test_one_read_from_the_broker_reaches_each_member_in_one_write():
     registry.on_broker_messages([("r", broker_payload(i, frame(i))) for i in (1, 2, 3)])
     assert member.got == [1, 2, 3]
     assert member.writes == 1
+
+
+def test_frames_with_no_id_reach_members_but_not_their_sender_nor_twice():
+    _, _, registry, member, _ = setup([])
+    typer = Member()
+    registry.join(typer, "r")
+    registry.sinks_of = lambda user: [typer] if user == "t" else []
+    typing = wire.encode({"type": "typing", "room": "r", "user": "t"})
+    registry.relay("r", "t", typing)
+    assert (member.got, typer.got) == (["typing"], [])
+    # From another instance: delivered; this instance's own echo: not again.
+    registry.on_broker_message("r", relay_payload(b"other", "t", typing))
+    registry.on_broker_message("r", relay_payload(registry.origin, "t", typing))
+    assert member.got == ["typing", "typing"]
+    watched = []
+    registry.on_presence = lambda room, frame: watched.append((room, frame))
+    event = wire.encode({"type": "presence", "room": "r", "user": "t", "online": True})
+    registry.on_broker_message("r", b"^ other " + event)
+    registry.on_broker_message("r", b"^ " + registry.origin + b" " + event)
+    assert watched == [("r", event)]
+    # Malformed ones are counted and dropped; nobody gets anything.
+    for bad in (b"~ only-origin", b"~ ", b"^ only-origin", b"^ "):
+        registry.on_broker_message("r", bad)
+    assert registry.dropped_broker_frames == 4
+    assert member.got == ["typing", "typing"] and watched == [("r", event)]
