@@ -216,6 +216,11 @@ class Config:
         10000, "Messages waiting to be stored before sends get 'unavailable'."
     )
     store_batch_max: int = _setting(500, "Most messages written in one transaction.")
+    store_gather: float = _setting(
+        0.003,
+        "Seconds a transaction storing messages starts after the previous one started, at"
+        " the soonest, so that messages gather into fewer transactions; 0 = at once.",
+    )
     gap_timeout: float = _setting(
         0.5, "Seconds to wait for a missing message id before reading it from the store."
     )
@@ -253,6 +258,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "store_batch_max": (1, 100_000),
     "unread_max": (1, 1_000_000),
     "typing_interval": (0, 3600),
+    "store_gather": (0, 1),
     "presence_list_max": (0, 100_000),
     "presence_timeout": (1, 3600),
     "presence_burst": (1, 1_000_000),

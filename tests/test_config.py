@@ -43,6 +43,8 @@ def test_precedence_file_env_cli(tmp_path):
         ({"CHATSERVER_REDIS_URL": "http://x"}, "redis_url"),
         ({"CHATSERVER_GAP_TIMEOUT": "0"}, "gap_timeout"),
         ({"CHATSERVER_STORE_WRITERS": "0"}, "store_writers"),
+        ({"CHATSERVER_STORE_GATHER": "-0.001"}, "store_gather"),
+        ({"CHATSERVER_STORE_GATHER": "1.001"}, "store_gather"),
         ({"CHATSERVER_DB_POOL_SIZE": "2", "CHATSERVER_STORE_WRITERS": "3"}, "store_writers"),
     ],
 )

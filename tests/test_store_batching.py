@@ -139,3 +139,111 @@ def test_the_queue_bound_counts_every_room():
     assert s.queue_depth() == 3
     assert type(results[-1]).__name__ == "StoreUnavailable"
     assert s.rejected == 1
+
+
+# -- gathering: a transaction starts no sooner than store_gather after the last --
+
+
+class ReadingPool(HeldPool):
+    """Also runs reads, recording in ``order`` what reached the pool when."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.order: list[str] = []
+
+    def runInteraction(self, func: Any, *args: Any) -> Deferred:
+        if len(args) == 2:
+            self.order.append("write")
+            return super().runInteraction(func, *args)
+        self.order.append("read")
+        return Deferred()
+
+
+def gathering(pool: HeldPool, gather: float = 0.5, batch_max: int = 100) -> Store:
+    return Store(
+        pool,  # type: ignore[arg-type]
+        Dialect(),
+        Clock(),
+        queue_max=10_000,
+        batch_max=batch_max,
+        writers=pool.max,
+        gather=gather,
+    )
+
+
+def stored_then_appended(s: Store, pool: HeldPool) -> None:
+    """m1 stored by a transaction started just now, then m2 appended in a turn of its own."""
+    s.append("a", "u", "m1")
+    s.turn()
+    pool.commit()
+    s.append("a", "u", "m2")
+    s.turn()
+
+
+def test_after_a_quiet_spell_a_message_starts_at_once_and_the_next_ones_gather():
+    pool = HeldPool(size=1)
+    s = gathering(pool, gather=0.5)
+    s.append("a", "u", "m1")
+    s.turn()
+    assert len(pool.held) == 1  # nothing started lately: at once
+    pool.commit()
+    s.append("b", "u", "m2")
+    s.turn()
+    s.append("c", "u", "m3")
+    s.turn()
+    assert pool.held == [] and s.queue_depth() == 2
+    s._clock.advance(0.25)
+    assert pool.held == []  # still inside the gather
+    s._clock.advance(0.25)  # half a second after the first started
+    assert [entry[0] for entry in pool.held[0][0]] == ["b", "c"]
+    pool.commit()
+    s._clock.advance(1)  # quiet again
+    s.append("d", "u", "m4")
+    s.turn()
+    assert [entry[0] for entry in pool.held[0][0]] == ["d"]
+
+
+def test_a_full_batch_does_not_wait_for_the_gather():
+    pool = HeldPool(size=1)
+    s = gathering(pool, gather=0.5, batch_max=3)
+    s.append("a", "u", "m")
+    s.turn()
+    pool.commit()
+    s.append("b", "u", "1")
+    s.append("b", "u", "2")
+    s.turn()
+    assert pool.held == []  # one short of a full batch: it gathers
+    s.append("b", "u", "3")
+    s.turn()
+    assert [entry[2] for entry in pool.held[0][0]] == ["1", "2", "3"]
+
+
+def test_a_transaction_longer_than_the_gather_is_followed_at_once():
+    pool = HeldPool(size=1)
+    s = gathering(pool, gather=0.5)
+    s.append("a", "u", "m1")
+    s.turn()
+    s.append("a", "u", "m2")  # waits for the writer
+    s.turn()
+    s._clock.advance(0.5)  # the first transaction took the whole gather
+    assert len(pool.held) == 1
+    pool.commit()
+    assert [entry[2] for entry in pool.held[0][0]] == ["m2"]
+
+
+def test_a_read_sends_the_gathering_appends_first():
+    """A client that pipelines a send and a history request sees its message."""
+    pool = ReadingPool(size=2)
+    s = gathering(pool, gather=0.5)
+    stored_then_appended(s, pool)
+    assert pool.order == ["write"]  # m2 gathers
+    s.last_id("a")
+    assert pool.order == ["write", "write", "read"]
+    assert [entry[2] for entry in pool.held[0][0]] == ["m2"]
+
+
+def test_no_gather_starts_each_turn_at_once():
+    pool = HeldPool(size=1)
+    s = gathering(pool, gather=0.0)
+    stored_then_appended(s, pool)
+    assert [entry[2] for entry in pool.held[0][0]] == ["m2"]

@@ -21,7 +21,11 @@ def prepare(config: Config) -> None:
 
 
 def open_store(config: Config, clock: IReactorTime) -> Store:
-    limits = {"queue_max": config.store_queue_max, "batch_max": config.store_batch_max}
+    limits = {
+        "queue_max": config.store_queue_max,
+        "batch_max": config.store_batch_max,
+        "gather": config.store_gather,
+    }
     if config.is_sqlite:
         from chatserver.store import sqlite
 
