@@ -144,6 +144,26 @@ static void load(int port, int rooms, int members, double *rates, int nrates, in
     exit(0);
 }
 
+/* The relay's step: each sender that is ready, one recv, and what it got sent
+ * to every connection of its room (the sender's own included). Returns the
+ * bytes read. */
+static long relay_ready(int ep, int timeout_ms, const int *fds, const int *room_of,
+                        int per_room) {
+    static char buf[65536];
+    struct epoll_event events[MAX_EVENTS];
+    long bytes = 0;
+    int n = epoll_wait(ep, events, MAX_EVENTS, timeout_ms);
+    for (int i = 0; i < n; i++) {
+        int fd = events[i].data.fd;
+        ssize_t got = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (got <= 0) continue;
+        bytes += got;
+        int first = room_of[fd] * per_room;
+        for (int k = 0; k < per_room; k++) send(fds[first + k], buf, got, MSG_DONTWAIT);
+    }
+    return bytes;
+}
+
 int main(int argc, char **argv) {
     int rooms = argc > 1 ? atoi(argv[1]) : 1000;
     int members = argc > 2 ? atoi(argv[2]) : 5;
@@ -200,15 +220,13 @@ int main(int argc, char **argv) {
     printf("| offered msg/s | relayed msg/s | relay CPU | relay us/msg | us per send() "
            "| CPU 0 busy | CPU 0 us/msg | load CPU |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     fflush(stdout);
-    char buf[65536];
-    struct epoll_event events[MAX_EVENTS];
     for (int r = 0; r < nrates; r++) {
         if (write(control[0], "g", 1) != 1) die("go");
         double start = now(), cpu0 = 0, t0 = 0, busy0 = 0;
         long bytes = 0, base = 0;
         int measuring = 0;
         for (;;) {
-            int n = epoll_wait(ep, events, MAX_EVENTS, 100);
+            bytes += relay_ready(ep, 100, fds, room_of, per_room);
             double t = now();
             if (!measuring && t >= start + WARMUP) {
                 measuring = 1;
@@ -218,14 +236,6 @@ int main(int argc, char **argv) {
                 base = bytes;
             }
             if (measuring && t >= t0 + seconds) break;
-            for (int i = 0; i < n; i++) {
-                int fd = events[i].data.fd;
-                ssize_t got = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
-                if (got <= 0) continue;
-                bytes += got;
-                int first = room_of[fd] * per_room;
-                for (int k = 0; k < per_room; k++) send(fds[first + k], buf, got, MSG_DONTWAIT);
-            }
         }
         double wall = now() - t0, used = cpu_seconds(RUSAGE_SELF) - cpu0;
         double busy = cpu_busy(0) - busy0;
@@ -238,16 +248,7 @@ int main(int argc, char **argv) {
         fflush(stdout);
         /* Let the load finish its window and drain before the next rate. */
         double quiet = now() + 0.5;
-        while (now() < quiet) {
-            int n = epoll_wait(ep, events, MAX_EVENTS, 50);
-            for (int i = 0; i < n; i++) {
-                int fd = events[i].data.fd;
-                ssize_t got = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
-                if (got <= 0) continue;
-                int first = room_of[fd] * per_room;
-                for (int k = 0; k < per_room; k++) send(fds[first + k], buf, got, MSG_DONTWAIT);
-            }
-        }
+        while (now() < quiet) relay_ready(ep, 50, fds, room_of, per_room);
     }
     close(control[0]);
     waitpid(child, NULL, 0);

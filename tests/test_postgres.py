@@ -14,6 +14,7 @@ import pytest_twisted
 from conftest import fresh_database
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.task import Clock
 from wsclient import connect
 
 from chatserver.config import Config
@@ -396,6 +397,25 @@ async def test_reads_do_not_queue_behind_writes(pg_url):
         locker.close()
     stored = await gatherResults(writes)
     assert [(m.room, m.id) for m in stored] == [("a", 2), ("b", 2)]
+    await store.close()
+
+
+@ensure
+async def test_store_gather_holds_the_next_transaction_on_postgres(pg_url):
+    """The setting reaches the store: what comes inside the gather goes in one
+    transaction, once it has passed (the store's clock is a fake one)."""
+    clock = Clock()
+    store = open_store(Config(database_url=pg_url, db_pool_size=1, store_gather=0.5), clock)
+    first = store.append("g", "u", "one")
+    clock.advance(0)  # nothing started lately: at once
+    assert (await first).id == 1 and store.batches == 1
+    later = [store.append("g", "u", "two"), store.append("h", "u", "three")]
+    clock.advance(0.25)
+    assert store.queue_depth() == 2 and store.batches == 1  # gathering
+    clock.advance(0.25)
+    stored = await gatherResults(later)
+    assert [(m.room, m.id) for m in stored] == [("g", 2), ("h", 1)]
+    assert store.batches == 2  # both in one transaction
     await store.close()
 
 
